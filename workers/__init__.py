@@ -1,0 +1,1 @@
+"""The Celery app and one module per queue."""
