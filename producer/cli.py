@@ -93,6 +93,8 @@ def cmd_run(args) -> int:
     from producer import run as runlib
     if args.detach and not args.broker:
         raise RunError("--detach needs --broker: an embedded broker stops when this command exits")
+    if args.broker:
+        check_broker(args.broker)
     store = runlib.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
     built = built_stages()
@@ -105,7 +107,6 @@ def cmd_run(args) -> int:
     fleet = None
     try:
         if args.broker:
-            check_broker(args.broker)
             broker = args.broker
         else:
             logs = state_dir(store.uri) / "logs"

@@ -176,6 +176,8 @@ def _http_ok(url: str) -> bool:
 
 
 def worker_argv(queues: list[str], broker: str, concurrency: int | None = None) -> list[str]:
+    from workers.app import time_limits
+    time_limits()  # refuse misordered limits here, with one line, not in a worker's traceback
     single = all(q in SINGLE_PROCESS_QUEUES for q in queues)
     concurrency = concurrency or (1 if single else os.cpu_count() or 1)
     node = f"{'+'.join(queues)}-{secrets.token_hex(3)}@{socket.gethostname()}"
