@@ -1,0 +1,96 @@
+"""The `sandbox` and `models` subcommands, added to the main CLI by `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `sandbox {make,serve}` and `models {list,eval}`; each sets `func(args) -> int`."""
+    from sandbox.web import DEFAULT_PORT, DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_WAT_FILES
+
+    sandbox = subparsers.add_parser("sandbox", help="the local synthetic web (offline test world)")
+    actions = sandbox.add_subparsers(dest="sandbox_command", required=True)
+
+    make = actions.add_parser("make", help="write images, WAT files and ground truth to DIR")
+    make.add_argument("dir")
+    make.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                      help=f"number of images (default {DEFAULT_SAMPLES})")
+    make.add_argument("--port", type=int, default=DEFAULT_PORT,
+                      help=f"port baked into every URL (default {DEFAULT_PORT})")
+    make.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    make.add_argument("--wat-files", type=int, default=DEFAULT_WAT_FILES,
+                      help=f"number of WAT files (default {DEFAULT_WAT_FILES})")
+    make.set_defaults(func=_make)
+
+    serve = actions.add_parser("serve", help="serve DIR over HTTP on 127.0.0.1 until Ctrl-C")
+    serve.add_argument("dir")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=None,
+                       help="default: the port DIR was made with (its URLs use it)")
+    serve.add_argument("--log-requests", action="store_true", help="log every request")
+    serve.set_defaults(func=_serve)
+
+    models = subparsers.add_parser("models", help="the CLIP models clipfleet can load")
+    model_actions = models.add_subparsers(dest="models_command", required=True)
+    listing = model_actions.add_parser("list", help="list shipped models and how to add others")
+    listing.set_defaults(func=_list_models)
+    evaluate = model_actions.add_parser(
+        "eval", help="zero-shot accuracy and tag-head scores on a fresh sandbox sample")
+    evaluate.add_argument("--model", required=True,
+                          help="'shapes', an open_clip 'ARCH/pretrained' name, or a local path")
+    evaluate.add_argument("--per-class", type=int, default=10,
+                          help="images per colour x shape class (default 10)")
+    evaluate.add_argument("--seed", type=int, default=12345)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(func=_evaluate)
+
+
+def _make(args) -> int:
+    from sandbox.web import make_sandbox
+
+    settings = make_sandbox(args.dir, samples=args.samples, port=args.port, seed=args.seed,
+                            wat_files=args.wat_files)
+    print(f"sandbox written to {args.dir}: {settings['samples']} images, "
+          f"{len(settings['wat_files'])} WAT files, {settings['pairs']} expected pairs, "
+          f"URLs on {settings['base_url']}")
+    return 0
+
+
+def _serve(args) -> int:
+    from sandbox.server import SandboxServer, read_settings
+
+    made_port = read_settings(args.dir)["port"]
+    server = SandboxServer(args.dir, host=args.host, port=args.port, quiet=not args.log_requests)
+    if server.port != made_port:
+        print(f"warning: {args.dir} was made for port {made_port}; its URLs will not match",
+              file=sys.stderr)
+    server.start()
+    print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _list_models(args) -> int:
+    from shared.models import shipped_models
+
+    for name, info in shipped_models().items():
+        print(f"{name}\t{info}")
+    print("other names: an open_clip 'ARCH/pretrained' name whose weights are in the local "
+          "cache (e.g. ViT-B-32/openai), or a local checkpoint path")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from sandbox.evaluate import evaluate_model, print_report
+
+    print_report(evaluate_model(args.model, per_class=args.per_class, seed=args.seed,
+                                device=args.device))
+    return 0
