@@ -50,3 +50,34 @@ def test_shard_task_retries_only_transient_errors():
     assert app_module.ShardTask.autoretry_for == (TransientError,)
     assert 0 < app_module.ShardTask.max_retries <= 10
     assert app_module.ShardTask.retry_backoff
+
+
+def test_permanent_failure_is_dead_lettered_without_retry(tmp_path):
+    from shared.storage import Store
+    calls = []
+
+    @app_module.app.task(name="clipfleet.test-permanent", base=app_module.ShardTask, bind=True)
+    def permanent(self, store_uri, shard):
+        calls.append(shard)
+        raise ValueError("corrupt input")
+
+    permanent.apply(args=(str(tmp_path), 4))
+    [dead] = Store(str(tmp_path)).deadletters("test-permanent")
+    assert calls == [4]
+    assert dead["shard"] == 4 and dead["error"] == "ValueError: corrupt input" and dead["retries"] == 0
+
+
+def test_transient_failure_is_retried_a_bounded_number_of_times(tmp_path):
+    from shared.pipeline import TransientError
+    from shared.storage import Store
+    calls = []
+
+    @app_module.app.task(name="clipfleet.test-transient", base=app_module.ShardTask, bind=True)
+    def transient(self, store_uri, shard):
+        calls.append(shard)
+        raise TransientError("storage timed out")
+
+    transient.apply(args=(str(tmp_path), 5))
+    [dead] = Store(str(tmp_path)).deadletters("test-transient")
+    assert len(calls) == app_module.ShardTask.max_retries + 1
+    assert dead["retries"] == app_module.ShardTask.max_retries
