@@ -86,7 +86,9 @@ def run_config_from_args(args, store_uri: str) -> RunConfig:
         filter_model=args.filter_model, multilingual_filter_model=args.multilingual_filter_model,
         embed_model=args.embed_model, min_similarity_en=args.min_similarity_en,
         min_similarity_other=args.min_similarity_other, url_col=args.url_col,
-        caption_col=args.caption_col, user_agent_token=args.user_agent_token)
+        caption_col=args.caption_col, user_agent_token=args.user_agent_token,
+        min_language_score=args.min_language_score, dedup_by=args.dedup_by,
+        drop_extensions=tuple(e.strip().lower() for e in args.drop_extensions.split(",") if e.strip()))
 
 
 def cmd_run(args) -> int:
@@ -124,9 +126,15 @@ def cmd_run(args) -> int:
             print(f"enqueued {sent} {first[0].stage if first else ''} tasks; "
                   f"follow with: clipfleet status --store {store.uri}")
             return 0
-        feeder = threading.Thread(target=runlib.enqueue, args=(app, client, store, first), daemon=True)
+        sent = []  # the feeder's count, so a resumed run can say it sent nothing new
+        feeder = threading.Thread(target=lambda: sent.append(runlib.enqueue(app, client, store, first)),
+                                  daemon=True)
         feeder.start()
         state = runlib.follow(store, stages, first, fleet=fleet)
+        feeder.join(timeout=10)
+        if sent:
+            print(f"sent {sent[0]} of {len(first)} {first[0].stage if first else ''} tasks "
+                  f"({len(first) - sent[0]} already done)")
         print(runlib.summary(state))
         failed = [p for p in state if p.failed]
         if failed:
@@ -143,6 +151,11 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from producer.status import run_status
     return run_status(args.store, as_json=args.json)
+
+
+def cmd_demo(args) -> int:
+    from producer.demo import run_demo
+    return run_demo(args.store, args.samples, args.keep_serving)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -185,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--min-similarity-other", type=float, default=d.min_similarity_other, help="keep other pairs at or above this cosine (default %(default)s)")
     rn.add_argument("--image-size", type=int, default=d.image_size, help="resize images to this many pixels (default %(default)s)")
     rn.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard (default %(default)s)")
+    rn.add_argument("--min-language-score", type=float, default=d.min_language_score,
+                    help="with --wat/--crawl: a caption whose language scores under this gets language \"\" (default %(default)s)")
+    rn.add_argument("--drop-extensions", default=",".join(d.drop_extensions),
+                    help="with --wat/--crawl: drop image URLs whose path ends in these, comma list (default %(default)s)")
+    rn.add_argument("--dedup-by", choices=["url", "uid"], default=d.dedup_by,
+                    help="with --wat/--crawl: keep each URL once (url), or each URL+caption once (uid) (default %(default)s)")
     rn.add_argument("--url-col", default=d.url_col, help="with --urls: the URL column (default %(default)s)")
     rn.add_argument("--caption-col", default=d.caption_col, help="with --urls: the caption column (default %(default)s)")
     rn.add_argument("--user-agent-token", default=d.user_agent_token, help="added to the downloader's user agent so site owners can reach you")
@@ -196,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--store", required=True, help="the run's store")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.set_defaults(func=cmd_status)
+
+    dm = sub.add_parser("demo", help="run the whole pipeline offline on a local synthetic web")
+    dm.add_argument("--store", default="demo-store", help="where the demo run writes (default %(default)s); the sandbox world goes beside it")
+    dm.add_argument("--samples", type=int, default=1000, help="images in the synthetic web (default %(default)s)")
+    dm.add_argument("--keep-serving", action="store_true", help="keep serving the synthetic web after the run, until Ctrl-C")
+    dm.set_defaults(func=cmd_demo)
 
     try:
         from sandbox.cli import register as register_sandbox
