@@ -66,7 +66,7 @@ def enqueue(app, redis_client, store: Store, tasks: list[FirstTask]) -> int:
                 continue
             while queue_length(redis_client, QUEUES[stage]) >= HIGH_WATER:
                 time.sleep(1.0)
-            app.send_task(taskshard_name(stage), args=(store.uri, t.shard), kwargs=t.kwargs)
+            app.send_task(task_name(stage), args=(store.uri, t.shard), kwargs=t.kwargs)
             sent += 1
     return sent
 

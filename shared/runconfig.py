@@ -28,7 +28,10 @@ class RunConfig:
     max_alt_length: int = 2000
     max_url_length: int = 2048
     drop_extensions: tuple[str, ...] = (".svg", ".gif")
-    min_language_score: float = 0.5
+    # lid.176.ftz scores short English alts low (0.25-0.5); 0.3 keeps them while camera
+    # file names still fall under it (measured on the sandbox's captions, see workers/extract.py)
+    min_language_score: float = 0.3
+    dedup_by: str = "url"                             # "url", or "uid" (url + caption, LAION-400M's way)
     # download
     image_size: int = 256
     resize_mode: str = "border"
