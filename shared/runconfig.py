@@ -43,6 +43,15 @@ class RunConfig:
     user_agent_token: str | None = None
     url_col: str = "url"
     caption_col: str = "caption"
+    download_threads: int = 64                        # fetching threads per download process
+    download_timeout: float = 10.0                    # network seconds per image: all hops, retries, body
+    download_retries: int = 2                         # extra attempts, for transient failures only
+    max_image_bytes: int = 32 * 2**20                 # per image as downloaded
+    max_image_pixels: int = 89_478_484                # LAION's limit, read from the header before decoding
+    disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai"])
+    domain_max_concurrency: int = 16                  # requests in flight per host, fleet-wide; 0 = no limit
+    domain_max_rate: float = 20.0                     # request starts per second per host, fleet-wide; 0 = no limit
+    blocklist: str | None = None                      # file or URI of URLs and md5/sha256 digests never stored
     # clip filter / embed (used by later stages)
     filter_model: str = "ViT-B-32/openai"
     multilingual_filter_model: str = "xlm-roberta-base-ViT-B-32/laion5b_s13b_b90k"

@@ -1,0 +1,173 @@
+"""cpu-download: one URL shard -> images/NNNNN.tar, .parquet and _stats.json in img2dataset's layout.
+
+Threads fetch (workers/fetch.py: guarded, bounded, polite) and then decode/resize/encode
+(workers/resize.py; OpenCV and libjpeg release the GIL, so threads overlap CPU work too).
+The outputs are written to the stage's local directory and published by `execute` through
+Store.commit, so a worker killed mid-shard leaves nothing visible.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from redis.exceptions import RedisError
+
+from shared.pipeline import Stage, StageOutput, TransientError
+from shared.runconfig import RunConfig
+from shared.storage import Store, shard_name
+from workers.app import ShardTask, app, broker_redis, run_stage
+from workers.blocklist import Blocklist
+from workers.fetch import FetchFailed, Fetcher, FetchOptions
+from workers.politeness import DomainLimiter, DomainLimits
+from workers.resize import ImageRejected, ResizeOptions, resize_image
+from workers.shard_writer import ShardWriter, sample_key
+
+log = logging.getLogger("clipfleet.download")
+
+
+@dataclass
+class SampleResult:
+    status: str                       # img2dataset's: success, failed_to_download, failed_to_resize
+    error_message: str | None = None
+    refused: str | None = None        # a deliberate refusal (private address, blocklist, noai)
+    image: bytes | None = None
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    sha256: str | None = None
+
+
+def resize_options(cfg: RunConfig) -> ResizeOptions:
+    return ResizeOptions(image_size=cfg.image_size, resize_mode=cfg.resize_mode,
+                         encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
+                         min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio,
+                         max_image_pixels=cfg.max_image_pixels)
+
+
+def fetch_options(cfg: RunConfig) -> FetchOptions:
+    return FetchOptions(timeout=cfg.download_timeout, max_bytes=cfg.max_image_bytes,
+                        retries=cfg.download_retries, allow_private_addresses=cfg.allow_private_addresses,
+                        user_agent_token=cfg.user_agent_token,
+                        disallowed_directives=tuple(cfg.disallowed_header_directives))
+
+
+def domain_limits(cfg: RunConfig) -> DomainLimits:
+    # A slot outlives the longest request it can cover, so only a dead worker's slot expires.
+    return DomainLimits(max_concurrency=cfg.domain_max_concurrency, max_rate=cfg.domain_max_rate,
+                        slot_ttl=cfg.download_timeout + 30)
+
+
+def download_sample(url: str | None, fetcher: Fetcher, opts: ResizeOptions, blocklist: Blocklist) -> SampleResult:
+    """Everything for one URL; a failure is a result, never an exception (Redis errors aside)."""
+    if not url:
+        return SampleResult("failed_to_download", "no url")
+    try:
+        data = fetcher.fetch(url)
+    except FetchFailed as exc:
+        return SampleResult("failed_to_download", str(exc), refused=exc.refused)
+    sha256 = hashlib.sha256(data).hexdigest()
+    listed = blocklist.content_blocked(data, sha256)
+    if listed:
+        return SampleResult("failed_to_download", f"blocklisted {listed}", refused=f"blocklist {listed}")
+    try:
+        resized = resize_image(data, opts)
+    except ImageRejected as exc:
+        return SampleResult("failed_to_resize", str(exc))
+    return SampleResult("success", None, None, resized.data, resized.width, resized.height,
+                        resized.original_width, resized.original_height, sha256)
+
+
+def _guarded_sample(url, fetcher, opts, blocklist) -> SampleResult:
+    try:
+        return download_sample(url, fetcher, opts, blocklist)
+    except RedisError:
+        raise  # the fleet's state is unreachable: the whole shard is retried later
+    except Exception as exc:  # a bug or an odd server must cost one sample, not the shard
+        log.exception("unexpected error on %s", url)
+        return SampleResult("failed_to_download", f"unexpected error: {exc.__class__.__name__}: {exc}")
+
+
+def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts: ResizeOptions,
+                   blocklist: Blocklist, threads: int, shard_size: int) -> StageOutput:
+    started = time.time()
+    rows = urls.to_pylist()
+    writer = ShardWriter(out, shard, urls.schema, opts.encode_format)
+    counts, refused = Counter(), Counter()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows))), thread_name_prefix="download")
+    try:
+        futures = {pool.submit(_guarded_sample, row.get("url"), fetcher, opts, blocklist): i
+                   for i, row in enumerate(rows)}
+        for future in as_completed(futures):
+            index = futures[future]
+            try:
+                result = future.result()
+            except RedisError as exc:
+                raise TransientError(f"redis unreachable for politeness: {exc}") from exc
+            counts[result.status] += 1
+            if result.refused:
+                refused[result.refused] += 1
+            meta = {**rows[index], "key": sample_key(index, shard, shard_size), "status": result.status,
+                    "error_message": result.error_message, "width": result.width, "height": result.height,
+                    "original_width": result.original_width, "original_height": result.original_height,
+                    "sha256": result.sha256}
+            writer.add(index, meta, result.image)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # on a soft time limit, do not wait for stragglers
+    ended = time.time()
+    stats = {"count": len(rows), "successes": counts["success"],
+             "failed_to_download": counts["failed_to_download"],
+             "failed_to_resize": counts["failed_to_resize"],
+             "duration": ended - started, "start_time": started, "end_time": ended,
+             "refused": dict(sorted(refused.items()))}
+    files = writer.close(stats)
+    marker_stats = {"count": len(rows), "success": counts["success"],
+                    "failed_to_download": counts["failed_to_download"],
+                    "failed_to_resize": counts["failed_to_resize"], "refused": dict(sorted(refused.items()))}
+    return StageOutput(files=files, stats=marker_stats)
+
+
+class DownloadStage(Stage):
+    name = "download"
+
+    def __init__(self, run: RunConfig, limiter: DomainLimiter | None = None,
+                 resolver=socket.getaddrinfo, connect=socket.create_connection):
+        super().__init__(run)
+        self.resize_opts = resize_options(run)
+        self.blocklist = Blocklist.load(run.blocklist)
+        self._limiter = limiter
+        self._resolver, self._connect = resolver, connect
+        self._fetcher: Fetcher | None = None
+
+    def fetcher(self) -> Fetcher:
+        # Built on first use, inside the worker process, where the broker's Redis is reachable.
+        if self._fetcher is None:
+            limiter = self._limiter or DomainLimiter(broker_redis(), domain_limits(self.run_config))
+            self._fetcher = Fetcher(fetch_options(self.run_config), limiter, self._resolver, self._connect,
+                                    url_blocked=self.blocklist.url_blocked)
+        return self._fetcher
+
+    def run(self, store: Store, shard: int, out: Path, **inputs) -> StageOutput:
+        with store.open(f"urls/{shard_name(shard)}.parquet") as f:
+            urls = pq.read_table(f)
+        fetcher = self.fetcher()
+        waited_before = fetcher.limiter.waited_s if fetcher.limiter is not None else 0.0
+        output = download_shard(urls, shard, out, fetcher, self.resize_opts, self.blocklist,
+                                self.run_config.download_threads, self.run_config.shard_size)
+        if fetcher.limiter is not None:  # thread-seconds spent waiting for a polite turn
+            output.stats["politeness_wait_s"] = round(fetcher.limiter.waited_s - waited_before, 1)
+        log.info("download %s: %s", shard, output.stats)
+        return output
+
+
+@app.task(name="clipfleet.download", base=ShardTask)
+def download(store_uri: str, shard: int) -> dict:
+    return run_stage(DownloadStage, store_uri, shard)

@@ -1,0 +1,96 @@
+"""Decode, resize and encode one image: img2dataset's modes and checks, sniffing, pixel limit."""
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from workers.resize import ImageRejected, ResizeOptions, resize_image
+
+
+def encoded(width: int, height: int, fmt: str = "JPEG", mode: str = "RGB", color=(200, 30, 30)) -> bytes:
+    img = Image.new(mode, (width, height), color if mode != "L" else 120)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def decoded(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize("mode, source, expected", [
+    ("border", (800, 400), (256, 256)),
+    ("keep_ratio", (800, 400), (512, 256)),
+    ("keep_ratio_largest", (800, 400), (256, 128)),
+    ("center_crop", (800, 400), (256, 256)),
+    ("no", (800, 400), (800, 400)),
+    ("border", (100, 50), (256, 256)),        # upscaled, as img2dataset does by default
+    ("keep_ratio", (3000, 2000), (384, 256)),  # decoded at a reduced JPEG scale first
+])
+def test_resize_modes_give_img2datasets_sizes(mode, source, expected):
+    out = resize_image(encoded(*source), ResizeOptions(resize_mode=mode))
+    assert (out.width, out.height) == expected
+    assert (out.original_width, out.original_height) == source
+    assert decoded(out.data).shape[:2] == (expected[1], expected[0])
+
+
+def test_border_pads_with_white_around_the_centred_image():
+    out = decoded(resize_image(encoded(800, 400, color=(0, 0, 0)), ResizeOptions()).data)
+    assert out[5, 128].min() > 240 and out[250, 128].min() > 240   # white bands top and bottom
+    assert out[128, 128].max() < 15                                # the black image in the middle
+
+
+def test_alpha_is_composited_on_white_and_grey_becomes_three_channels():
+    transparent = encoded(300, 300, "PNG", "RGBA", (0, 0, 0, 0))
+    out = decoded(resize_image(transparent, ResizeOptions()).data)
+    assert out.shape == (256, 256, 3) and out.min() > 240
+    grey = decoded(resize_image(encoded(300, 300, mode="L"), ResizeOptions()).data)
+    assert grey.shape == (256, 256, 3)
+
+
+@pytest.mark.parametrize("fmt, magic", [("jpg", b"\xff\xd8"), ("png", b"\x89PNG"), ("webp", b"RIFF")])
+def test_encode_formats(fmt, magic):
+    quality = 3 if fmt == "png" else 80
+    out = resize_image(encoded(300, 200, "WEBP"), ResizeOptions(encode_format=fmt, encode_quality=quality))
+    assert out.data.startswith(magic)
+
+
+def test_gif_is_decoded_through_pillow():
+    out = resize_image(encoded(300, 200, "GIF", "P"), ResizeOptions())
+    assert (out.width, out.height) == (256, 256)
+
+
+@pytest.mark.parametrize("data, keyword", [
+    (b"<!DOCTYPE html><html><body>nope</body></html>", "not an image"),
+    (b"", "not an image"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "not an image"),
+    (encoded(640, 480)[:300], "decode"),
+])
+def test_content_is_sniffed_not_trusted(data, keyword):
+    with pytest.raises(ImageRejected, match=keyword):
+        resize_image(data, ResizeOptions())
+
+
+def test_pixel_limit_is_checked_on_the_header_before_decoding(monkeypatch):
+    data = encoded(1000, 1000, "PNG")
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded an image over the pixel limit"))
+    with pytest.raises(ImageRejected, match="too many pixels"):
+        resize_image(data, ResizeOptions(max_image_pixels=999_999))
+
+
+def test_min_size_and_aspect_ratio_use_img2datasets_messages():
+    with pytest.raises(ImageRejected, match="image too small"):
+        resize_image(encoded(100, 300), ResizeOptions(min_image_size=200))
+    with pytest.raises(ImageRejected, match="aspect ratio too large"):
+        resize_image(encoded(900, 100), ResizeOptions(max_aspect_ratio=3))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="resize_mode"):
+        ResizeOptions(resize_mode="stretch")
+    with pytest.raises(ValueError, match="encode_format"):
+        ResizeOptions(encode_format="gif")
