@@ -104,3 +104,13 @@ def test_dedup_by_uid_keeps_a_url_with_another_caption(redis_url, tmp_path):
     rows = [r for s in range(3) for r in _run(stage, s, wats[s], tmp_path / f"u{s}")[1]]
     assert len(rows) == 111  # the shared URLs twice (two alts), "late copy" once
     assert len({r["uid"] for r in rows}) == 111
+
+
+def test_claims_land_in_the_bucket_python_computes(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    dedup = RunDedup(client, "cf:dedup:buckets", bits=12)
+    urls = [f"http://example.org/{i}.jpg" for i in range(500)]
+    dedup.claim(digests(*urls), owner=7)
+    for d in digests(*urls):
+        assert client.hget(dedup.bucket_key(d), d) == b"7"
+    assert len(list(client.scan_iter("cf:dedup:buckets:*"))) > 100

@@ -169,3 +169,22 @@ def test_gzip_tail_check():
     assert gzip_tail_truncated(members[:-5])
     assert gzip_tail_truncated(members[: len(members) // 2 + 7])
     assert gzip_tail_truncated(members + b"\x1f\x8b")
+
+
+def test_fast_resolution_equals_urljoin():
+    """PageUrls takes shortcuts; on every relative form it must give urljoin's answer."""
+    import itertools
+    import random
+    from urllib.parse import urljoin
+    from workers.extract import PageUrls
+    pieces = ["a", "b.jpg", ".", "..", "", "x y", "%20", "?q=1", "#f", "?", "#", ";p", ":", "c:d", "~u"]
+    bases = ["http://h.org", "http://h.org/", "https://h.org/dir/page.html", "http://h.org/a/b/",
+             "http://user@h.org:81/a/b;p/c?x=1#y", "http://h.org/a//b/c", "HTTP://H.org/a/b"]
+    rng = random.Random(5)
+    srcs = {"/".join(rng.choice(pieces) for _ in range(rng.randint(1, 5))) for _ in range(4000)}
+    srcs |= {"/" + s for s in list(srcs)[:1000]} | {"//cdn.h.org/" + s for s in list(srcs)[:500]}
+    srcs |= {"///x", "//", "/", "?only", "#only", "mailto:x@y", "ftp://h/x", "a\tb", "\x01a"}
+    for base, src in itertools.product(bases, sorted(srcs)):
+        if src[:8].lower().startswith(("http://", "https://")):
+            continue
+        assert PageUrls(base).resolve(src) == urljoin(base, src), (base, src)
