@@ -6,8 +6,14 @@ The pipeline for one segment, all streaming:
       -> hygiene (alt normalisation, URL resolution and filters) -> dedup (segment, then run)
       -> URL shards of `shard_size` rows, each tagged with fastText lid.176
 
+Output: `urls/{segment * 1000 + part:05d}.parquet` with url, caption, page_url, language,
+language_score, uid. `language` is the lid.176 ISO code, or "" when the score is under
+`min_language_score` (LAION's "no language" bucket); `language_score` is always there.
+`uid` is a hex BLAKE2b of url + "\n" + caption.
+
 Every link that does not become a pair is counted under the reason it was dropped, and
-those counts go into the segment's marker. The parsing and hygiene rules are plain
+those counts go into the segment's marker. Records without an `IMG@` link are not parsed,
+so a broken record is counted only when it could have held a pair. The parsing and hygiene rules are plain
 functions, so they are tested without a broker.
 """
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Iterable, Iterator
 from urllib.parse import urljoin, urlparse, urlsplit
 
 import fsspec
+from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.pipeline import Stage, StageOutput, TransientError
 from shared.runconfig import RunConfig
@@ -132,10 +139,10 @@ def iter_record_payloads(source, stats: Counter) -> Iterator[bytes]:
             if b"IMG@" in body:
                 yield body
     except BaseException as exc:  # fastwarc's Rust panics are BaseExceptions
-        if reader.error is not None:
+        if reader.error is not None and not isinstance(reader.error, SoftTimeLimitExceeded):
             raise TransientError(f"reading the WAT failed: {reader.error!r}") from reader.error
-        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
-            raise
+        if not isinstance(exc, (OSError, ValueError)) and type(exc).__name__ != "PanicException":
+            raise  # a time limit, a shutdown: not a property of the file
         stats["unreadable_tail"] += 1  # the rest of the file cannot be parsed
     if reader.head == GZIP_MAGIC[:2] and gzip_tail_truncated(bytes(reader.tail)):
         stats["truncated_gzip"] += 1
@@ -149,7 +156,7 @@ def page_links(body: bytes, stats: Counter) -> tuple[str, str, list] | None:
     except UnicodeDecodeError:
         stats["non_utf8_record"] += 1
         return None
-    except ValueError:
+    except (ValueError, RecursionError):
         stats["malformed_json"] += 1
         return None
     try:

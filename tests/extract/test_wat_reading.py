@@ -100,3 +100,20 @@ def test_missing_local_wat_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         with open_wat(str(tmp_path / "missing.wat.gz")):
             pass
+
+
+def test_a_time_limit_inside_the_reader_is_not_swallowed(tmp_path):
+    """Only bad data is counted and skipped; a soft time limit must still end the task."""
+    from celery.exceptions import SoftTimeLimitExceeded
+    path = tmp_path / "a.wat.gz"
+    write_wat(path, pages(5))
+
+    class LimitedSource:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def read(self, size=-1):
+            raise SoftTimeLimitExceeded()
+
+    with open(path, "rb") as f, pytest.raises(SoftTimeLimitExceeded):
+        list(iter_record_payloads(LimitedSource(f), Counter()))
