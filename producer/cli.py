@@ -88,7 +88,29 @@ def run_config_from_args(args, store_uri: str) -> RunConfig:
         min_similarity_other=args.min_similarity_other, url_col=args.url_col,
         caption_col=args.caption_col, user_agent_token=args.user_agent_token,
         min_language_score=args.min_language_score, dedup_by=args.dedup_by,
-        drop_extensions=tuple(e.strip().lower() for e in args.drop_extensions.split(",") if e.strip()))
+        drop_extensions=tuple(e.strip().lower() for e in args.drop_extensions.split(",") if e.strip()),
+        **download_options_from_args(args))
+
+
+def download_options_from_args(args) -> dict:
+    blocklist = args.blocklist
+    if blocklist:
+        from workers.blocklist import Blocklist
+        if "://" not in blocklist:
+            blocklist = os.path.abspath(blocklist)  # workers may run in another directory
+        try:
+            Blocklist.load(blocklist)  # a malformed or missing list fails here, not in every task
+        except OSError as exc:
+            raise ValueError(f"blocklist {blocklist} cannot be read: {exc}") from exc
+    return dict(
+        resize_mode=args.resize_mode, encode_format=args.encode_format, encode_quality=args.encode_quality,
+        min_image_size=args.min_image_size, max_aspect_ratio=args.max_aspect_ratio,
+        download_timeout=args.download_timeout, download_retries=args.download_retries,
+        download_threads=args.download_threads, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        disallowed_header_directives=[d.strip().lower() for d in args.disallowed_header_directives.split(",") if d.strip()],
+        domain_max_concurrency=args.domain_max_concurrency, domain_max_rate=args.domain_max_rate,
+        blocklist=blocklist)
 
 
 def cmd_run(args) -> int:
@@ -208,7 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--caption-col", default=d.caption_col, help="with --urls: the caption column (default %(default)s)")
     rn.add_argument("--user-agent-token", default=d.user_agent_token, help="added to the downloader's user agent so site owners can reach you")
     rn.add_argument("--allow-private-addresses", action="store_true",
-                    help="let the downloader fetch private, loopback and link-local addresses (off by default; for local tests)")
+                    help="let the downloader fetch loopback and private addresses (off by default; for local tests); "
+                         "link-local, multicast and reserved addresses stay refused")
+    dl = rn.add_argument_group("download (img2dataset's option names)")
+    dl.add_argument("--resize-mode", choices=["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"],
+                    default=d.resize_mode, help="default %(default)s")
+    dl.add_argument("--encode-format", choices=["jpg", "png", "webp"], default=d.encode_format, help="default %(default)s")
+    dl.add_argument("--encode-quality", type=int, default=d.encode_quality, help="jpg/webp quality, png compression (default %(default)s)")
+    dl.add_argument("--min-image-size", type=int, default=d.min_image_size, help="drop images whose smaller side is under this (default %(default)s)")
+    dl.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio, help="drop images longer than this ratio (default %(default)s)")
+    dl.add_argument("--download-timeout", type=float, default=d.download_timeout, help="seconds of network time per image, all redirects and retries (default %(default)s)")
+    dl.add_argument("--download-retries", type=int, default=d.download_retries, help="extra attempts for transient failures: 5xx, 429, resets (default %(default)s)")
+    dl.add_argument("--download-threads", type=int, default=d.download_threads, help="fetching threads per download process (default %(default)s)")
+    dl.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="per image as downloaded (default %(default)s)")
+    dl.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="checked on the header before decoding (default %(default)s)")
+    dl.add_argument("--disallowed-header-directives", default=",".join(d.disallowed_header_directives),
+                    help="X-Robots-Tag directives that mean an image is not used, comma list, empty for none (default %(default)s)")
+    dl.add_argument("--domain-max-concurrency", type=int, default=d.domain_max_concurrency, help="requests in flight per host across the fleet, 0 for no limit (default %(default)s)")
+    dl.add_argument("--domain-max-rate", type=float, default=d.domain_max_rate, help="requests per second per host across the fleet, 0 for no limit (default %(default)s)")
+    dl.add_argument("--blocklist", help="file or URI of URLs and md5/sha256 digests (one a line) never stored")
     rn.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="what a run has done: shards per stage, counts, failures")
