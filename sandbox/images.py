@@ -23,7 +23,7 @@ COLORS = {
     "pink": (245, 120, 190),
     "brown": (120, 70, 30),
 }
-SHAPES = ["circle", "square", "triangle", "star", "hexagon", "cross"]
+SHAPES = ["circle", "square", "triangle", "star", "heart", "cross"]
 # Ordinary backgrounds; "hazard" (black and yellow warning stripes) is reserved for the
 # unsafe stand-in class, so an image is unsafe exactly when its background is hazard.
 BACKGROUNDS = ["plain", "stripes", "dots", "checker", "noise", "gradient"]
@@ -106,6 +106,19 @@ def _star(cx, cy, radius, rotation):
     return points
 
 
+def _heart(cx, cy, radius, rotation):
+    """The classic parametric heart, point down, scaled to `radius`."""
+    c, s = math.cos(rotation), math.sin(rotation)
+    points = []
+    for k in range(64):
+        t = 2 * math.pi * k / 64
+        x = 16 * math.sin(t) ** 3
+        y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) - 2.5
+        x, y = x * radius / 16, y * radius / 16
+        points.append((cx + x * c - y * s, cy + x * s + y * c))
+    return points
+
+
 def _cross(cx, cy, radius, rotation):
     arm = radius * 0.36
     outline = [(-arm, -radius), (arm, -radius), (arm, -arm), (radius, -arm), (radius, arm),
@@ -123,14 +136,15 @@ def _shape_outline(shape: str, cx: float, cy: float, radius: float, tilt: float)
         return _regular_polygon(cx, cy, radius, 3, up + tilt)
     if shape == "star":
         return _star(cx, cy, radius, up + tilt)
-    if shape == "hexagon":
-        return _regular_polygon(cx, cy, radius, 6, tilt)
+    if shape == "heart":
+        return _heart(cx, cy, radius, tilt)
     if shape == "cross":
         return _cross(cx, cy, radius, tilt)
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_shape(image: Image.Image, color: str, shape: str, rng: np.random.Generator) -> None:
+def _draw_shape(image: Image.Image, color: str, shape: str, rng: np.random.Generator,
+                on_hazard: bool = False) -> None:
     width, height = image.size
     side = min(width, height)
     radius = side * rng.uniform(0.22, 0.36)
@@ -139,14 +153,16 @@ def _draw_shape(image: Image.Image, color: str, shape: str, rng: np.random.Gener
     cx = width / 2 + rng.uniform(-0.5, 0.5) * slack
     cy = height / 2 + rng.uniform(-0.5, 0.5) * slack
     fill = tuple(int(np.clip(v + rng.uniform(-15, 15), 0, 255)) for v in COLORS[color])
-    edge = max(2, round(side / 80))
+    # A dark outline would vanish into the black hazard stripes: use a wide white one there.
+    edge = max(2, round(side / (40 if on_hazard else 80)))
+    outline = (255, 255, 255) if on_hazard else (25, 25, 25)
     draw = ImageDraw.Draw(image)
     if shape == "circle":
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
-        draw.ellipse(box, fill=fill, outline=(25, 25, 25), width=edge)
+        draw.ellipse(box, fill=fill, outline=outline, width=edge)
     else:
         points = _shape_outline(shape, cx, cy, radius, rng.uniform(-0.2, 0.2))
-        draw.polygon(points, fill=fill, outline=(25, 25, 25), width=edge)
+        draw.polygon(points, fill=fill, outline=outline, width=edge)
 
 
 def _overlay_watermark(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -158,16 +174,16 @@ def _overlay_watermark(image: Image.Image, rng: np.random.Generator) -> Image.Im
     small_w, small_h = max(1, round(width * scale)), max(1, round(height * scale))
     side = min(small_w, small_h)
     diagonal = int(math.hypot(small_w, small_h)) + 1
-    font = ImageFont.load_default(size=max(10, int(side / 7)))
+    font = ImageFont.load_default(size=max(10, int(side / 5.5)))
     text = "© STOCK PROOF"
-    alpha = int(rng.uniform(120, 170))
-    stroke = max(1, side // 200)
+    alpha = int(rng.uniform(150, 200))
+    stroke = max(1, side // 120)
     _, _, text_width, text_height = font.getbbox(text, stroke_width=stroke)
     tile = Image.new("RGBA", (text_width, text_height), (0, 0, 0, 0))  # drawn once, pasted many times
     ImageDraw.Draw(tile).text((0, 0), text, font=font, fill=(255, 255, 255, alpha),
                               stroke_width=stroke, stroke_fill=(60, 60, 60, alpha))
     layer = Image.new("RGBA", (diagonal, diagonal), (0, 0, 0, 0))
-    row_step = int(side / 3.5)
+    row_step = int(side / 3)
     column_step = int(text_width * 1.3)
     for row, y in enumerate(range(0, diagonal, row_step)):
         for x in range(-(row % 2) * column_step // 2, diagonal, column_step):
@@ -184,7 +200,7 @@ def render(color: str, shape: str, background: str, width: int, height: int,
            rng: np.random.Generator, watermark: bool = False) -> Image.Image:
     """Draw one picture. `background` may be UNSAFE_BACKGROUND for the unsafe stand-in."""
     image = _background(background, width, height, rng)
-    _draw_shape(image, color, shape, rng)
+    _draw_shape(image, color, shape, rng, on_hazard=background == UNSAFE_BACKGROUND)
     if watermark:
         image = _overlay_watermark(image, rng)
     return image
@@ -225,7 +241,7 @@ def _caption_en(color, shape, background, template):
 
 
 _FR_SHAPES = {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"),
-              "star": ("étoile", "f"), "hexagon": ("hexagone", "m"), "cross": ("croix", "f")}
+              "star": ("étoile", "f"), "heart": ("cœur", "m"), "cross": ("croix", "f")}
 _FR_COLORS = {"red": ("rouge", "rouge"), "orange": ("orange", "orange"),
               "yellow": ("jaune", "jaune"), "green": ("vert", "verte"),
               "blue": ("bleu", "bleue"), "purple": ("violet", "violette"),
@@ -249,8 +265,10 @@ def _caption_fr(color, shape, background, template):
             f"une image montrant {article} {phrase}"][template]
 
 
-_DE_SHAPES = {"circle": ("Kreis", "m"), "square": ("Quadrat", "n"), "triangle": ("Dreieck", "n"),
-              "star": ("Stern", "m"), "hexagon": ("Sechseck", "n"), "cross": ("Kreuz", "n")}
+# (nominative, dative, gender): "Herz" is irregular, "einem roten Herzen".
+_DE_SHAPES = {"circle": ("Kreis", "Kreis", "m"), "square": ("Quadrat", "Quadrat", "n"),
+              "triangle": ("Dreieck", "Dreieck", "n"), "star": ("Stern", "Stern", "m"),
+              "heart": ("Herz", "Herzen", "n"), "cross": ("Kreuz", "Kreuz", "n")}
 _DE_COLORS = {"red": "rot", "orange": "orangefarben", "yellow": "gelb", "green": "grün",
               "blue": "blau", "purple": "violett", "pink": "rosafarben", "brown": "braun"}
 _DE_BG = {
@@ -262,10 +280,10 @@ _DE_BG = {
 
 
 def _caption_de(color, shape, background, template):
-    noun, gender = _DE_SHAPES[shape]
+    noun, dative_noun, gender = _DE_SHAPES[shape]
     stem = _DE_COLORS[color]
     nominative = f"ein {stem}{'er' if gender == 'm' else 'es'} {noun}"
-    dative = f"einem {stem}en {noun}"
+    dative = f"einem {stem}en {dative_noun}"
     where = f" {_DE_BG[background]}" if background else ""
     return [f"{nominative}{where}", f"ein Foto von {dative}{where}",
             f"Auf dem Bild ist {nominative}{where} zu sehen"][template]
@@ -273,7 +291,7 @@ def _caption_de(color, shape, background, template):
 
 _ES_SHAPES = {"circle": ("círculo", "m"), "square": ("cuadrado", "m"),
               "triangle": ("triángulo", "m"), "star": ("estrella", "f"),
-              "hexagon": ("hexágono", "m"), "cross": ("cruz", "f")}
+              "heart": ("corazón", "m"), "cross": ("cruz", "f")}
 _ES_COLORS = {"red": ("rojo", "roja"), "orange": ("naranja", "naranja"),
               "yellow": ("amarillo", "amarilla"), "green": ("verde", "verde"),
               "blue": ("azul", "azul"), "purple": ("morado", "morada"),
@@ -298,11 +316,14 @@ def _caption_es(color, shape, background, template):
 
 _RU_SHAPES = {"circle": ("круг", "m"), "square": ("квадрат", "m"),
               "triangle": ("треугольник", "m"), "star": ("звезда", "f"),
-              "hexagon": ("шестиугольник", "m"), "cross": ("крест", "m")}
-_RU_COLORS = {"red": ("красный", "красная"), "orange": ("оранжевый", "оранжевая"),
-              "yellow": ("жёлтый", "жёлтая"), "green": ("зелёный", "зелёная"),
-              "blue": ("синий", "синяя"), "purple": ("фиолетовый", "фиолетовая"),
-              "pink": ("розовый", "розовая"), "brown": ("коричневый", "коричневая")}
+              "heart": ("сердце", "n"), "cross": ("крест", "m")}
+_RU_COLORS = {"red": ("красный", "красная", "красное"),
+              "orange": ("оранжевый", "оранжевая", "оранжевое"),
+              "yellow": ("жёлтый", "жёлтая", "жёлтое"), "green": ("зелёный", "зелёная", "зелёное"),
+              "blue": ("синий", "синяя", "синее"),
+              "purple": ("фиолетовый", "фиолетовая", "фиолетовое"),
+              "pink": ("розовый", "розовая", "розовое"),
+              "brown": ("коричневый", "коричневая", "коричневое")}
 _RU_BG = {
     "plain": "на однотонном фоне", "stripes": "на полосатом фоне",
     "dots": "на фоне в горошек", "checker": "на клетчатом фоне",
@@ -313,14 +334,14 @@ _RU_BG = {
 
 def _caption_ru(color, shape, background, template):
     noun, gender = _RU_SHAPES[shape]
-    phrase = f"{_RU_COLORS[color][gender == 'f']} {noun}"
+    phrase = f"{_RU_COLORS[color]['mfn'.index(gender)]} {noun}"
     if background:
         phrase += f" {_RU_BG[background]}"
     return ["{}", "на картинке {}", "фотография: {}"][template].format(phrase)
 
 
 _ZH_SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形",
-              "hexagon": "六边形", "cross": "十字形"}
+              "heart": "心形", "cross": "十字形"}
 _ZH_COLORS = {"red": "红色", "orange": "橙色", "yellow": "黄色", "green": "绿色", "blue": "蓝色",
               "purple": "紫色", "pink": "粉色", "brown": "棕色"}
 _ZH_BG = {"plain": "纯色背景", "stripes": "条纹背景", "dots": "圆点背景", "checker": "棋盘格背景",
@@ -338,7 +359,7 @@ def _caption_zh(color, shape, background, template):
 
 
 _JA_SHAPES = {"circle": "丸", "square": "正方形", "triangle": "三角形", "star": "星",
-              "hexagon": "六角形", "cross": "十字"}
+              "heart": "ハート", "cross": "十字"}
 _JA_COLORS = {"red": "赤い", "orange": "オレンジ色の", "yellow": "黄色い", "green": "緑の",
               "blue": "青い", "purple": "紫の", "pink": "ピンクの", "brown": "茶色の"}
 _JA_BG = {"plain": "無地の背景", "stripes": "しま模様の背景", "dots": "水玉模様の背景",

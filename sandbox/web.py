@@ -81,7 +81,7 @@ def _pick(rng: np.random.Generator, weights: dict):
     return keys[int(rng.choice(len(keys), p=np.array(list(weights.values())) / sum(weights.values())))]
 
 
-def _web_size(rng: np.random.Generator) -> tuple[int, int]:
+def web_size(rng: np.random.Generator) -> tuple[int, int]:
     """Sizes like images on the web: mostly a few hundred pixels, from 150 to 1200."""
     width = float(np.clip(np.exp(rng.normal(math.log(420), 0.5)), 150, 1200))
     aspect = float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9, 3 / 4, 2 / 3]))
@@ -105,7 +105,7 @@ def image_spec(image_id: int, rng: np.random.Generator) -> ImageSpec:
         text, correct = images.caption(wrong_color, wrong_shape, background, language, template), False
     else:
         text, correct = images.caption(color, shape, background, language, template), True
-    width, height = _web_size(rng)
+    width, height = web_size(rng)
     return ImageSpec(image_id, color, shape, background, language, text, correct, watermark,
                      unsafe, width, height, _pick(rng, FORMAT_WEIGHTS))
 
@@ -148,7 +148,7 @@ def _write_corner_files(web_dir: Path, seed: int) -> None:
     (web_dir / "corner").mkdir(parents=True, exist_ok=True)
     ok = images.render("blue", "star", "stripes", 480, 360, rng)
     (web_dir / CORNER_OK_IMAGE).write_bytes(images.encode(ok, "jpeg", rng))
-    whole = images.encode(images.render("green", "hexagon", "dots", 640, 480, rng), "jpeg", rng)
+    whole = images.encode(images.render("green", "heart", "dots", 640, 480, rng), "jpeg", rng)
     (web_dir / CORNER_TRUNCATED_IMAGE).write_bytes(whole[: int(len(whole) * 0.6)])
     (web_dir / CORNER_BOMB_IMAGE).write_bytes(decompression_bomb_png())
 
