@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -66,8 +67,15 @@ def domain_limits(cfg: RunConfig) -> DomainLimits:
                         slot_ttl=cfg.download_timeout + 30)
 
 
-def download_sample(url: str | None, fetcher: Fetcher, opts: ResizeOptions, blocklist: Blocklist) -> SampleResult:
-    """Everything for one URL; a failure is a result, never an exception (Redis errors aside)."""
+@dataclass
+class Fetched:
+    """Downloaded bytes that passed the blocklist, waiting for the CPU side."""
+    data: bytes
+    sha256: str
+
+
+def fetch_sample(url: str | None, fetcher: Fetcher, blocklist: Blocklist) -> Fetched | SampleResult:
+    """The network side of one URL: its bytes, or the result that says why there are none."""
     if not url:
         return SampleResult("failed_to_download", "no url")
     try:
@@ -78,33 +86,53 @@ def download_sample(url: str | None, fetcher: Fetcher, opts: ResizeOptions, bloc
     listed = blocklist.content_blocked(data, sha256)
     if listed:
         return SampleResult("failed_to_download", f"blocklisted {listed}", refused=f"blocklist {listed}")
+    return Fetched(data, sha256)
+
+
+def resize_sample(fetched: Fetched, opts: ResizeOptions) -> SampleResult:
+    """The CPU side: decode, check, resize, encode."""
     try:
-        resized = resize_image(data, opts)
+        resized = resize_image(fetched.data, opts)
     except ImageRejected as exc:
         return SampleResult("failed_to_resize", str(exc))
     return SampleResult("success", None, None, resized.data, resized.width, resized.height,
-                        resized.original_width, resized.original_height, sha256)
+                        resized.original_width, resized.original_height, fetched.sha256)
 
 
-def _guarded_sample(url, fetcher, opts, blocklist) -> SampleResult:
+def unexpected(url: str | None, exc: Exception) -> SampleResult:
+    # A bug or an odd server must cost one sample, not the shard.
+    log.error("unexpected error on %s", url, exc_info=exc)
+    return SampleResult("failed_to_download", f"unexpected error: {exc.__class__.__name__}: {exc}")
+
+
+def _fetch_in_thread(url, fetcher, blocklist, room: threading.Semaphore,
+                     stopping: threading.Event) -> Fetched | SampleResult:
+    room.acquire()  # released by the consumer: bounds fetched bytes waiting in memory
+    if stopping.is_set():  # the shard ended early (time limit, Redis gone): fetch nothing more
+        return SampleResult("failed_to_download", "shard stopped")
     try:
-        return download_sample(url, fetcher, opts, blocklist)
+        return fetch_sample(url, fetcher, blocklist)
     except RedisError:
         raise  # the fleet's state is unreachable: the whole shard is retried later
-    except Exception as exc:  # a bug or an odd server must cost one sample, not the shard
-        log.exception("unexpected error on %s", url)
-        return SampleResult("failed_to_download", f"unexpected error: {exc.__class__.__name__}: {exc}")
+    except Exception as exc:
+        return unexpected(url, exc)
 
 
 def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts: ResizeOptions,
                    blocklist: Blocklist, threads: int, shard_size: int) -> StageOutput:
+    """Fetch in `threads` threads; decode/resize/encode in this one, as results come.
+
+    One CPU thread per process (the fleet runs a process per core) measured faster than
+    resizing in every fetching thread: runnable threads fight over the GIL and caches."""
     started = time.time()
     rows = urls.to_pylist()
     writer = ShardWriter(out, shard, urls.schema, opts.encode_format)
     counts, refused = Counter(), Counter()
-    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows))), thread_name_prefix="download")
+    threads = max(1, min(threads, len(rows)))
+    room, stopping = threading.Semaphore(2 * threads), threading.Event()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="download")
     try:
-        futures = {pool.submit(_guarded_sample, row.get("url"), fetcher, opts, blocklist): i
+        futures = {pool.submit(_fetch_in_thread, row.get("url"), fetcher, blocklist, room, stopping): i
                    for i, row in enumerate(rows)}
         for future in as_completed(futures):
             index = futures[future]
@@ -112,6 +140,12 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
                 result = future.result()
             except RedisError as exc:
                 raise TransientError(f"redis unreachable for politeness: {exc}") from exc
+            if isinstance(result, Fetched):
+                try:
+                    result = resize_sample(result, opts)
+                except Exception as exc:
+                    result = unexpected(rows[index].get("url"), exc)
+            room.release()
             counts[result.status] += 1
             if result.refused:
                 refused[result.refused] += 1
@@ -121,7 +155,12 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
                     "sha256": result.sha256}
             writer.add(index, meta, result.image)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # on a soft time limit, do not wait for stragglers
+        # On a soft time limit or an error, do not wait for stragglers; free threads waiting for room.
+        stopping.set()
+        room.release(threads)
+        pool.shutdown(wait=False, cancel_futures=True)
+        if fetcher.limiter is not None:
+            fetcher.limiter.flush()
     ended = time.time()
     stats = {"count": len(rows), "successes": counts["success"],
              "failed_to_download": counts["failed_to_download"],

@@ -39,6 +39,8 @@ TRANSIENT_CODES = {408, 425, 429, 500, 502, 503, 504}
 DISALLOWED_DIRECTIVES = ("noai", "noimageai")
 PRODUCT = "clipfleet"
 READ_CHUNK = 256 * 1024
+IDLE_PER_THREAD = 4  # kept-alive connections per fetching thread
+WATCHDOG_TICK_S = 0.05  # deadline precision
 # Characters left as they are in a request target; others (non-ASCII, spaces) are %-encoded,
 # as browsers do, since URLs from the web are often not ASCII.
 TARGET_SAFE = "/?&=:;@!$'()*+,%[]~"
@@ -64,6 +66,17 @@ class FetchFailed(Exception):
     def __init__(self, message: str, refused: str | None = None):
         super().__init__(message)
         self.refused = refused
+
+
+class _StaleConnection(Exception):
+    """A kept-alive connection the server had closed; the request is sent again on a new one."""
+
+
+class _IdleConnections(threading.local):
+    """Per thread: (scheme, host, port) -> (address, connection) kept alive after a 200."""
+
+    def __init__(self):
+        self.conns: dict = {}
 
 
 class _Transient(Exception):
@@ -141,7 +154,8 @@ class DeadlineWatchdog:
         with self._cond:
             self._ensure_thread()
             heapq.heappush(self._heap, entry)
-            self._cond.notify()
+            if self._heap[0] is entry:  # only an earlier deadline needs the thread awake sooner
+                self._cond.notify()
         return entry
 
     def unwatch(self, entry: list) -> bool:
@@ -162,7 +176,9 @@ class DeadlineWatchdog:
                     continue
                 delay = self._heap[0][0] - time.monotonic()
                 if delay > 0:
-                    self._cond.wait(delay)
+                    # Most entries are unwatched long before their deadline; waking at most
+                    # every WATCHDOG_TICK_S to drop them keeps this thread off the GIL.
+                    self._cond.wait(max(delay, WATCHDOG_TICK_S))
                     continue
                 entry = heapq.heappop(self._heap)
                 entry[3] = True
@@ -205,7 +221,8 @@ class Fetcher:
         self.connect = connect
         self.url_blocked = url_blocked
         self.headers = {"User-Agent": user_agent(opts.user_agent_token), "Accept": "image/*,*/*;q=0.5",
-                        "Accept-Encoding": "identity", "Connection": "close"}
+                        "Accept-Encoding": "identity"}
+        self._idle = _IdleConnections()
         self.tokens = {PRODUCT} | ({opts.user_agent_token.strip().lower()} if opts.user_agent_token else set())
         self.disallowed = {d.strip().lower() for d in opts.disallowed_directives}
 
@@ -272,42 +289,59 @@ class Fetcher:
             raise FetchFailed(str(exc)) from None
 
     def _exchange(self, parts, host: str, port: int, addrs: list[str], budget: Budget) -> bytes | str:
+        """One request and response, on this thread's idle connection to the host when it has one."""
         if budget.left() <= 0:
             raise FetchFailed(budget.timeout_message())
-        started = time.monotonic()
-        deadline = started + budget.left()
-        watched = []
-
-        def connect_checked(_address, timeout, source_address=None):
-            # http.client asks for (host, port); we connect to the address checked above.
-            last: Exception = OSError(f"no address for {host}")
-            for addr in addrs:
+        target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=TARGET_SAFE)
+        key = (parts.scheme, host, port)
+        idle = self._idle.conns.pop(key, None)
+        if idle is not None:
+            addr, conn = idle
+            if addr in addrs:  # still an address the guard just passed
                 try:
-                    sock = self.connect((addr, port), max(0.01, deadline - time.monotonic()))
-                except OSError as exc:
-                    last = exc
-                    continue
-                watched.append(WATCHDOG.watch(sock, deadline))
-                return sock
-            raise last
-
+                    return self._exchange_on(conn, addr, key, target, budget)
+                except _StaleConnection:
+                    pass  # the server closed it while it sat idle: ask on a fresh one
+            else:
+                conn.close()
         if parts.scheme == "https":
             conn = http.client.HTTPSConnection(host, port, timeout=budget.left(), context=tls_context())
         else:
             conn = http.client.HTTPConnection(host, port, timeout=budget.left())
-        conn._create_connection = connect_checked  # the one hook http.client has for this
-        target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=TARGET_SAFE)
+        return self._exchange_on(conn, None, key, target, budget, addrs)
+
+    def _exchange_on(self, conn, addr: str | None, key: tuple, target: str, budget: Budget,
+                     addrs: list[str] | None = None) -> bytes | str:
+        host, port = key[1], key[2]
+        started = time.monotonic()
+        deadline = started + budget.left()
+        watched, connected = [], [addr]
+        if addr is None:  # a new connection: to a checked address, watched from the start
+            # The one hook http.client has for this: connect to a checked address, not the name.
+            conn._create_connection = self._connector(addrs, port, deadline, watched, connected)
+        else:
+            conn.sock.settimeout(budget.left())
+            watched.append(WATCHDOG.watch(conn.sock, deadline))
+        keep = False
         try:
-            conn.request("GET", target, headers=self.headers)
-            resp = conn.getresponse()
+            try:
+                conn.request("GET", target, headers=self.headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if addr is not None and not watched[0][3]:
+                    raise _StaleConnection() from None
+                raise
             result = self._read_response(resp, host, budget)
             if watched and watched[0][3]:  # cut at the deadline: what we read may look complete
                 raise FetchFailed(budget.timeout_message())
+            keep = isinstance(result, bytes) and not resp.will_close
             return result
-        except (FetchFailed, _Transient):
+        except (FetchFailed, _Transient, _StaleConnection):
             raise
         except (socket.timeout, TimeoutError):
             raise FetchFailed(budget.timeout_message()) from None
+        except ssl.SSLCertVerificationError as exc:  # asking again gets the same certificate
+            raise FetchFailed(f"tls error: {exc.verify_message or exc}") from None
         except (OSError, http.client.HTTPException) as exc:
             if watched and watched[0][3]:  # the watchdog cut it at the deadline
                 raise FetchFailed(budget.timeout_message()) from None
@@ -315,11 +349,36 @@ class Fetcher:
                 raise FetchFailed(f"connection refused: {host}:{port}") from None
             raise _Transient(f"connection error: {exc.__class__.__name__}: {exc}") from None
         finally:
-            conn.close()
             fired = any([WATCHDOG.unwatch(w) for w in watched])
+            if keep and not fired:
+                self._keep_idle(key, connected[-1], conn)
+            else:
+                conn.close()
             budget.spent += time.monotonic() - started
             if fired and budget.left() > 0:
                 budget.spent = budget.total
+
+    def _connector(self, addrs: list[str], port: int, deadline: float, watched: list, connected: list):
+        def connect_checked(_address, timeout, source_address=None):
+            # http.client asks for (host, port); we connect to an address checked above.
+            last: Exception = OSError("no address")
+            for addr in addrs:
+                try:
+                    sock = self.connect((addr, port), max(0.01, deadline - time.monotonic()))
+                except OSError as exc:
+                    last = exc
+                    continue
+                watched.append(WATCHDOG.watch(sock, deadline))
+                connected.append(addr)
+                return sock
+            raise last
+        return connect_checked
+
+    def _keep_idle(self, key: tuple, addr: str, conn) -> None:
+        conns = self._idle.conns
+        conns[key] = (addr, conn)
+        while len(conns) > IDLE_PER_THREAD:  # the oldest goes: hosts repeat soon or not at all
+            conns.pop(next(iter(conns)))[1].close()
 
     def _read_response(self, resp: http.client.HTTPResponse, host: str, budget: Budget) -> bytes | str:
         if resp.status in REDIRECT_CODES:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import deque
 import time
 import uuid
 from contextlib import contextmanager
@@ -21,10 +22,12 @@ from typing import Iterator
 
 PREFIX = "clipfleet:polite"
 
-# KEYS: slots zset, next-start key, hold-off key.
-# ARGV: token, max concurrency (0 = none), min interval s (0 = none), slot ttl s.
+# KEYS: slots zset, next-start key, hold-off key, then slot zsets to release a token from.
+# ARGV: token, max concurrency (0 = none), min interval s (0 = none), slot ttl s, then the
+# tokens to release (one per extra key).
 # Returns {1, wait_s} when a slot is taken (start after wait_s), {0, retry_in_s} when not.
 _ACQUIRE = """
+for i = 4, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i + 1]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local limit, interval, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -83,6 +86,9 @@ class DomainLimiter:
         self._hold_off = redis_client.register_script(_HOLD_OFF)
         self.waited_s = 0.0  # total time callers spent waiting for a turn (for stats)
         self._lock = threading.Lock()
+        # Finished requests' slots, released by the next acquire call of any thread of this
+        # process in the same round trip (or by flush), so a request costs one round trip.
+        self._releases: deque[tuple[str, str]] = deque()
 
     def _keys(self, host: str) -> list[str]:
         return [f"{self.prefix}:slots:{host}", f"{self.prefix}:next:{host}", f"{self.prefix}:hold:{host}"]
@@ -100,9 +106,20 @@ class DomainLimiter:
         """One atomic attempt: (True, start_in_s) with a slot taken, or (False, retry_in_s)."""
         lim = self.limits
         interval = 1.0 / lim.max_rate if lim.max_rate > 0 else 0.0
-        granted, wait = self._acquire(keys=self._keys(host),
-                                      args=[token, lim.max_concurrency, interval, lim.slot_ttl])
+        releases = self._take_releases()
+        granted, wait = self._acquire(keys=self._keys(host) + [key for key, _ in releases],
+                                      args=[token, lim.max_concurrency, interval, lim.slot_ttl]
+                                      + [tok for _, tok in releases])
         return bool(granted), max(0.0, float(wait))
+
+    def _take_releases(self, most: int = 64) -> list[tuple[str, str]]:
+        taken = []
+        while len(taken) < most:
+            try:
+                taken.append(self._releases.popleft())
+            except IndexError:
+                break
+        return taken
 
     def acquire(self, host: str) -> str:
         """Wait for a slot and for the reserved start time; returns the slot's token."""
@@ -128,8 +145,18 @@ class DomainLimiter:
         return token
 
     def release(self, host: str, token: str) -> None:
+        """Give the slot back; it goes to Redis with the next acquire, or with flush()."""
         if self.limits.max_concurrency > 0:
-            self.redis.zrem(self._keys(host)[0], token)
+            self._releases.append((self._keys(host)[0], token))
+
+    def flush(self) -> None:
+        """Send every pending release now (when a shard ends, and no acquire may follow soon)."""
+        releases = self._take_releases(len(self._releases) + 1)
+        if releases:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key, token in releases:
+                    pipe.zrem(key, token)
+                pipe.execute()
 
     def hold_off(self, host: str, seconds: float) -> float:
         """Ask every worker to leave `host` alone for `seconds` (Retry-After); returns the hold left."""

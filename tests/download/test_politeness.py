@@ -20,8 +20,13 @@ def test_concurrency_limit_holds_across_workers(redis_url):
     assert b.try_acquire("img.example", "b1")[0]
     assert not a.try_acquire("img.example", "a2")[0]
     assert b.try_acquire("other.example", "b2")[0]  # limits are per host
-    a.release("img.example", "a1")
+    a.release("img.example", "a1")  # goes to Redis with a's next acquire, or its flush
+    assert not b.try_acquire("img.example", "b3")[0]
+    a.try_acquire("third.example", "a3")
     assert b.try_acquire("img.example", "b3")[0]
+    b.release("img.example", "b3")
+    b.flush()
+    assert a.try_acquire("img.example", "a4")[0]
 
 
 def test_slots_of_a_killed_worker_expire(redis_url):
