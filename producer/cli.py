@@ -93,6 +93,12 @@ def run_config_from_args(args, store_uri: str) -> RunConfig:
 
 
 def download_options_from_args(args) -> dict:
+    from workers.resize import ResizeOptions
+    ResizeOptions(args.image_size, args.resize_mode, args.encode_format, args.encode_quality)  # ValueError if bad
+    if args.urls:  # before run.json is written: a fixed command must not meet "a different run"
+        from producer.urls import input_columns
+        for uri in args.urls:
+            input_columns(uri, args.url_col, args.caption_col)
     blocklist = args.blocklist
     if blocklist:
         from workers.blocklist import Blocklist

@@ -32,16 +32,19 @@ def open_input(uri: str):
     return fsspec.open(uri, "rb", **options)
 
 
-def input_columns(uri: str, cfg: RunConfig) -> list[str]:
-    """The columns to read; a missing URL or caption column is a clear error."""
-    with open_input(uri) as f:
-        names = pq.ParquetFile(f).schema_arrow.names
-    for option, column in (("--url-col", cfg.url_col), ("--caption-col", cfg.caption_col)):
+def input_columns(uri: str, url_col: str, caption_col: str) -> list[str]:
+    """The columns to read; a missing file, URL or caption column is a clear error."""
+    try:
+        with open_input(uri) as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UrlInputError(f"{uri} cannot be read as parquet: {exc}") from exc
+    for option, column in (("--url-col", url_col), ("--caption-col", caption_col)):
         if column not in names:
             raise UrlInputError(f"{uri} has no column {column!r} (columns: {', '.join(names)}); "
                                 f"name the right one with {option}")
     optional = [c for c in ("page_url", "language", "language_score", "uid") if c in names]
-    return [cfg.url_col, cfg.caption_col] + [c for c in optional if c not in (cfg.url_col, cfg.caption_col)]
+    return [url_col, caption_col] + [c for c in optional if c not in (url_col, caption_col)]
 
 
 def standard_table(batch: pa.Table, cfg: RunConfig, tagger=None) -> pa.Table:
@@ -91,7 +94,7 @@ def write_url_shards(store: Store, cfg: RunConfig) -> list[int]:
     existing = set(store.list("urls"))
     shards = []
     for index, uri in enumerate(cfg.inputs):
-        columns = input_columns(uri, cfg)
+        columns = input_columns(uri, cfg.url_col, cfg.caption_col)
         for part, batch in enumerate(iter_parts(uri, columns, cfg.shard_size)):
             if part >= PARTS_PER_INPUT:
                 raise UrlInputError(f"{uri} makes more than {PARTS_PER_INPUT} shards of {cfg.shard_size} rows; "

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,3 +75,13 @@ def test_a_missing_column_is_named_with_the_option_to_fix_it(tmp_path):
     cfg.url_col = "URL"
     with pytest.raises(UrlInputError, match="no column 'caption'.*--caption-col"):
         write_url_shards(Store(cfg.store), cfg)
+
+
+def test_cli_names_the_missing_column_before_registering_the_run(tmp_path):
+    path = user_parquet(tmp_path / "laion.parquet", 3)
+    proc = subprocess.run([sys.executable, "-m", "producer.cli", "run", "--urls", path, "--store",
+                           str(tmp_path / "store"), "--until", "download"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "CLIPFLEET_STATE_DIR": str(tmp_path / "state")})
+    assert proc.returncode == 2
+    assert "no column 'url'" in proc.stderr and "--url-col" in proc.stderr
+    assert not (tmp_path / "store" / "run.json").exists()  # the corrected command is not "a different run"
