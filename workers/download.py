@@ -1,9 +1,9 @@
 """cpu-download: one URL shard -> images/NNNNN.tar, .parquet and _stats.json in img2dataset's layout.
 
-Threads fetch (workers/fetch.py: guarded, bounded, polite) and then decode/resize/encode
-(workers/resize.py; OpenCV and libjpeg release the GIL, so threads overlap CPU work too).
-The outputs are written to the stage's local directory and published by `execute` through
-Store.commit, so a worker killed mid-shard leaves nothing visible.
+Threads fetch (workers/fetch.py: guarded, bounded, polite) and hash; the task's own thread
+decodes, resizes and encodes (workers/resize.py) as results come, and writes them
+(workers/shard_writer.py). The outputs go to the stage's local directory and are published by
+`execute` through Store.commit, so a worker killed mid-shard leaves nothing visible.
 """
 from __future__ import annotations
 

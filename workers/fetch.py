@@ -10,6 +10,8 @@
 - Each request takes a per-host slot from the fleet-wide DomainLimiter; Retry-After on 429
   and 503 is shared with the whole fleet through it. Only transient failures are retried.
 - X-Robots-Tag noai / noimageai (for everyone or for our token) means the image is not used.
+- Each thread keeps a few connections alive after a 200, reused only for an address the
+  guard passes again for the next request.
 """
 from __future__ import annotations
 
