@@ -107,7 +107,7 @@ class Store:
 
     def check_writable(self) -> None:
         """Fail early, with one clear line, when the store cannot take writes."""
-        probe = f"_probe/{socket.gethostname()}-{uuid.uuid4().hex}"
+        probe = f".probe-{socket.gethostname()}-{uuid.uuid4().hex}"
         try:
             self.write_bytes(probe, b"ok")
             self.fs.rm(self.path(probe))

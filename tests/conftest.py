@@ -9,6 +9,16 @@ import pytest
 
 from producer.fleet import check_broker, find_redis_server, free_port, _wait_for
 
+# img2dataset imports albumentations, which would otherwise ask the network for updates.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+@pytest.fixture
+def isolated_state(tmp_path, monkeypatch):
+    """Embedded brokers keep their data under this test's own directory."""
+    monkeypatch.setenv("CLIPFLEET_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path / "state"
+
 
 @pytest.fixture(scope="session")
 def s3_server():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from workers.app import ShardTask, app
 from shared.pipeline import QUEUES

@@ -17,26 +17,13 @@ import redis
 from producer.fleet import Fleet, state_dir
 from shared.pipeline import execute
 from shared.storage import Store
+from tests.helpers import wait_until
 from tests.download.conftest import make_run, make_stage, url_table, write_url_shard
 from workers.app import make_app
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def isolated_state(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLIPFLEET_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 @pytest.mark.timeout(300)

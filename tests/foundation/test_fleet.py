@@ -15,20 +15,13 @@ import requests
 from producer.fleet import Fleet, state_dir
 from shared.pipeline import QUEUES
 from shared.storage import Store
+from tests.helpers import wait_until
 from workers.app import make_app
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "producer.cli"]
 
 
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def read_until(proc: subprocess.Popen, prefix: str, lines: list[str], timeout: float = 180) -> str:
@@ -41,12 +34,6 @@ def read_until(proc: subprocess.Popen, prefix: str, lines: list[str], timeout: f
         if line.startswith(prefix):
             return line[len(prefix):].strip()
     raise AssertionError(f"no {prefix!r} line: {''.join(lines)}")
-
-
-@pytest.fixture
-def isolated_state(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLIPFLEET_STATE_DIR", str(tmp_path / "state"))
-    return tmp_path / "state"
 
 
 def test_up_chains_through_all_queues_shows_flower_and_stops_clean(store_uri, isolated_state):

@@ -67,7 +67,9 @@ def test_open_for_write_is_refused(store_uri):
 
 
 def test_writable_store_passes_check(store_uri):
-    Store(store_uri).check_writable()
+    store = Store(store_uri)
+    store.check_writable()
+    assert store.list("") == []  # the probe leaves nothing behind
 
 
 def test_store_under_a_file_is_reported(tmp_path):
