@@ -60,5 +60,15 @@ Extraction rules the ground truth follows:
     WARC-Header-Metadata, bytes that are not UTF-8) yield nothing.
 
 Captions are written in seven languages (sandbox.images.LANGUAGES) with enough words for
-fastText lid.176 to recognise them.
+fastText lid.176 to recognise them. true_color is one of red orange yellow green blue purple
+pink brown; true_shape one of circle square triangle star heart cross.
+
+Models (shared.models): `load_clip("shapes")` -> (model, preprocess, tokenizer), an open_clip
+CLIP with 128-d embeddings, 64 px input and a 128-token context; `load_tag_heads("shapes")`
+-> {"watermark": head, "unsafe": head}, each head(L2-normalised image embeddings (n, 128))
+-> probabilities (n,). Files in shared/models/shapes/; rebuilt by
+`python -m sandbox.train_shapes --out shared/models/shapes`; checked by
+`clipfleet models eval --model shapes`. With `shapes`, right captions score about 0.9 and
+wrong ones about 0.1; a threshold between 0.6 and 0.7 separates them (metrics.json records
+suggested_min_similarity). The 0.28 default is calibrated for real ViT-B/32, not for shapes.
 """
