@@ -22,7 +22,6 @@ as array operations), which gives the same pairs and counts several times faster
 """
 from __future__ import annotations
 
-import codecs
 import hashlib
 import importlib.util
 import io
@@ -506,13 +505,15 @@ def json_bracket_limit() -> int:
 
 
 def arrow_reads_like_json(text: bytes, bracket_limit: int) -> bool:
-    """Whether pyarrow surely parses this record (its payload stripped of JSON whitespace) as
-    json.loads does, as far as a look at its bytes tells: pyarrow takes a byte order mark and
-    has no nesting limit, so such records are left to json.loads. The rest is found by
-    parsing: bad UTF-8 is checked for a whole batch at once, and a record that pyarrow rejects
-    or reads as other than one row goes to json.loads too (a newline inside a record splits it
-    into lines that are not one JSON document each)."""
-    return not text.startswith(codecs.BOM_UTF8) and text.count(b"{") + text.count(b"[") < bracket_limit
+    """Whether pyarrow may parse this record (its payload stripped of JSON whitespace) in a
+    batch, as far as a look at its bytes tells. It must be one line that starts an object:
+    pyarrow reads a line at a time, takes a byte order mark, and crashes on a top-level null
+    at the start of its input (pyarrow 20). It must also nest less deeply than json.loads can
+    follow, since pyarrow has no such limit. The rest is found by parsing: bad UTF-8 is checked
+    for a whole batch at once, and a record that pyarrow rejects or reads as other than one
+    row goes to json.loads too."""
+    return (text[:1] == b"{" and b"\n" not in text and b"\r" not in text
+            and text.count(b"{") + text.count(b"[") < bracket_limit)
 
 
 def valid_utf8(data: bytes) -> bool:
