@@ -87,8 +87,14 @@ class StageProgress:
     finished: bool
 
 
-def progress(store: Store, stages: list[str], first: list[FirstTask]) -> list[StageProgress]:
-    """Per stage: which shards are expected (from the previous stage's markers), done, failed."""
+def progress(store: Store, stages: list[str], first: list[FirstTask],
+             next_cache: dict | None = None) -> list[StageProgress]:
+    """Per stage: which shards are expected (from the previous stage's markers), done, failed.
+
+    A marker never changes once written, so `next_cache` keeps what each one said between
+    polls instead of reading every marker every second.
+    """
+    next_cache = {} if next_cache is None else next_cache
     out = []
     expected = {shard_name(t.shard) for t in first}
     upstream_finished = True
@@ -97,8 +103,10 @@ def progress(store: Store, stages: list[str], first: list[FirstTask]) -> list[St
         failed = {shard_name(d["shard"]) for d in store.deadletters(stage)} - done
         upstream_finished = upstream_finished and expected <= (done | failed)
         out.append(StageProgress(stage, expected, done, failed, upstream_finished))
-        expected = {shard_name(s) for name in sorted(done)
-                    for s in store.read_json(f"_markers/{stage}/{name}.json").get("next_shards", [])}
+        for name in done:
+            if (stage, name) not in next_cache:
+                next_cache[stage, name] = store.marker(stage, name).get("next_shards", [])
+        expected = {shard_name(s) for name in done for s in next_cache[stage, name]}
     return out
 
 
@@ -108,9 +116,10 @@ def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, 
     from tqdm import tqdm
     bars = {s: tqdm(desc=f"{s:>8}", unit="shard", position=i, leave=True, disable=not show_progress)
             for i, s in enumerate(stages)}
+    next_cache: dict = {}
     try:
         while True:
-            state = progress(store, stages, first)
+            state = progress(store, stages, first, next_cache)
             for p in state:
                 bar = bars[p.stage]
                 bar.total = len(p.expected)
