@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import socket
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,17 +105,29 @@ def unexpected(url: str | None, exc: Exception) -> SampleResult:
     return SampleResult("failed_to_download", f"unexpected error: {exc.__class__.__name__}: {exc}")
 
 
-def _fetch_in_thread(url, fetcher, blocklist, room: threading.Semaphore,
-                     stopping: threading.Event) -> Fetched | SampleResult:
-    room.acquire()  # released by the consumer: bounds fetched bytes waiting in memory
-    if stopping.is_set():  # the shard ended early (time limit, Redis gone): fetch nothing more
-        return SampleResult("failed_to_download", "shard stopped")
+def _fetch_in_thread(url, fetcher, blocklist) -> Fetched | SampleResult:
     try:
         return fetch_sample(url, fetcher, blocklist)
     except RedisError:
         raise  # the fleet's state is unreachable: the whole shard is retried later
     except Exception as exc:
         return unexpected(url, exc)
+
+
+def _fetch_loop(rows: list[dict], todo, results: queue.SimpleQueue, room: queue.SimpleQueue,
+                stopping: threading.Event, fetcher: Fetcher, blocklist: Blocklist) -> None:
+    """One fetching thread: take the next index, fetch it, hand (index, result) to the consumer.
+
+    Plain threads and C-level queues, not an executor: a Future, as_completed and a
+    Python-level Semaphore per sample cost measurable CPU and GIL hand-offs at ~1000 images/s."""
+    for index in todo:  # shared iterator: next() on it is atomic under the GIL
+        room.get()  # a token put back by the consumer: bounds fetched bytes waiting in memory
+        if stopping.is_set():  # the shard ended early (time limit, Redis gone): fetch nothing more
+            return
+        try:
+            results.put((index, _fetch_in_thread(rows[index].get("url"), fetcher, blocklist)))
+        except RedisError as exc:
+            results.put((index, exc))
 
 
 def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts: ResizeOptions,
@@ -129,23 +141,26 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
     writer = ShardWriter(out, shard, urls.schema, opts.encode_format)
     counts, refused = Counter(), Counter()
     threads = max(1, min(threads, len(rows)))
-    room, stopping = threading.Semaphore(2 * threads), threading.Event()
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="download")
+    results, room, stopping = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    for _ in range(2 * threads):
+        room.put(None)
+    todo = iter(range(len(rows)))
+    workers = [threading.Thread(target=_fetch_loop, name=f"download-{n}", daemon=True,
+                                args=(rows, todo, results, room, stopping, fetcher, blocklist))
+               for n in range(threads)]
+    for worker in workers:
+        worker.start()
     try:
-        futures = {pool.submit(_fetch_in_thread, row.get("url"), fetcher, blocklist, room, stopping): i
-                   for i, row in enumerate(rows)}
-        for future in as_completed(futures):
-            index = futures[future]
-            try:
-                result = future.result()
-            except RedisError as exc:
-                raise TransientError(f"redis unreachable for politeness: {exc}") from exc
+        for _ in range(len(rows)):
+            index, result = results.get()
+            if isinstance(result, RedisError):
+                raise TransientError(f"redis unreachable for politeness: {result}") from result
             if isinstance(result, Fetched):
                 try:
                     result = resize_sample(result, opts)
                 except Exception as exc:
                     result = unexpected(rows[index].get("url"), exc)
-            room.release()
+            room.put(None)
             counts[result.status] += 1
             if result.refused:
                 refused[result.refused] += 1
@@ -157,8 +172,8 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
     finally:
         # On a soft time limit or an error, do not wait for stragglers; free threads waiting for room.
         stopping.set()
-        room.release(threads)
-        pool.shutdown(wait=False, cancel_futures=True)
+        for _ in range(threads):
+            room.put(None)
         if fetcher.limiter is not None:
             fetcher.limiter.flush()
     ended = time.time()

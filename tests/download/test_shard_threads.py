@@ -1,0 +1,57 @@
+"""download_shard's own threading: every sample once, in order; a Redis outage stops the shard."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from shared.pipeline import TransientError
+from workers.blocklist import Blocklist
+from workers.download import download_shard
+from workers.fetch import FetchFailed
+from workers.resize import ResizeOptions
+
+
+class FakeFetcher:
+    """Fails every URL quickly (no image to resize); raises RedisError for one URL if asked."""
+    limiter = None
+
+    def __init__(self, redis_down_on: str | None = None):
+        self.redis_down_on = redis_down_on
+        self.fetched: list[str] = []
+        self.lock = threading.Lock()
+
+    def fetch(self, url: str) -> bytes:
+        with self.lock:
+            self.fetched.append(url)
+        if url == self.redis_down_on:
+            raise RedisConnectionError("redis went away")
+        time.sleep(0.001)
+        raise FetchFailed(f"no image at {url}")
+
+
+def test_every_sample_is_fetched_once_and_written_in_order(tmp_path):
+    urls = [f"http://example.com/{i}.jpg" for i in range(300)]
+    fetcher = FakeFetcher()
+    output = download_shard(pa.table({"url": urls}), 0, tmp_path, fetcher, ResizeOptions(),
+                            Blocklist.load(None), threads=7, shard_size=300)
+    assert sorted(fetcher.fetched) == sorted(urls)
+    assert output.stats["count"] == 300 and output.stats["failed_to_download"] == 300
+
+
+@pytest.mark.timeout(30)
+def test_redis_outage_fails_the_shard_and_frees_its_threads(tmp_path):
+    urls = [f"http://example.com/{i}.jpg" for i in range(2000)]
+    before = threading.active_count()
+    fetcher = FakeFetcher(redis_down_on=urls[5])
+    with pytest.raises(TransientError):
+        download_shard(pa.table({"url": urls}), 0, tmp_path, fetcher, ResizeOptions(),
+                       Blocklist.load(None), threads=8, shard_size=2000)
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before  # no thread left fetching or waiting for room
+    assert len(fetcher.fetched) < len(urls)  # the rest of the shard was not fetched
