@@ -945,17 +945,7 @@ class LanguageTagger:
         self._model = None
 
     def tag(self, caption: str) -> tuple[str, float]:
-        cache = self.cache
-        if cache is not None:
-            known = cache.get(caption)
-            if known is not None:
-                return known
-            if len(cache) >= self.CACHE_SIZE:
-                cache.clear()
-        answer = self._predict(caption)
-        if cache is not None:
-            cache[caption] = answer
-        return answer
+        return self._remembered(self.cache, caption, self._predict)
 
     def tag_many(self, captions: list[str]) -> list[tuple[str, float]]:
         """tag() of each caption, with the cache looked up inline: a shard has thousands."""
@@ -968,22 +958,26 @@ class LanguageTagger:
         text = language_text(caption)
         if not text:
             return "", 0.0
-        cache = self.text_cache
-        if cache is not None:
-            known = cache.get(text)
-            if known is not None:
-                return known
-            if len(cache) >= self.CACHE_SIZE:
-                cache.clear()
+        return self._remembered(self.text_cache, text, self._predict_text)
+
+    def _predict_text(self, text: str) -> tuple[str, float]:
         if self._model is None:
             import fasttext
             self._model = fasttext.load_model(str(lid_model_path()))
         labels, scores = self._model.predict(text)
         code, score = labels[0].removeprefix("__label__"), min(float(scores[0]), 1.0)
-        answer = (code if score >= self.min_score else ""), score
-        if cache is not None:
-            cache[text] = answer
-        return answer
+        return (code if score >= self.min_score else ""), score
+
+    def _remembered(self, cache: dict | None, key: str, compute) -> tuple[str, float]:
+        """compute(key), kept in `cache` (when caching) up to CACHE_SIZE entries."""
+        if cache is None:
+            return compute(key)
+        known = cache.get(key)
+        if known is None:
+            if len(cache) >= self.CACHE_SIZE:
+                cache.clear()
+            known = cache[key] = compute(key)
+        return known
 
 
 def language_bucket(code: str) -> str:
