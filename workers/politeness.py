@@ -8,6 +8,11 @@ take the last slot:
   sleeps until it, so waiting callers are served in turn rather than by polling races;
 - hold-off: a time before which nobody asks the host again, set from Retry-After.
 Times are Redis server time, so workers on machines with skewed clocks agree.
+
+With no rate limit, a slot freed by one thread may be handed to the next thread of the same
+process asking for the same host without a round trip, for up to `reuse_s` after Redis granted
+it: it never left the slots set, so the fleet-wide count still holds, and the short reuse age
+keeps its expiry valid and lets other workers (and a hold-off set elsewhere) in soon.
 """
 from __future__ import annotations
 
@@ -75,6 +80,7 @@ class DomainLimits:
     max_rate: float = 20.0         # request starts per second per host, fleet-wide; 0 = no limit
     slot_ttl: float = 60.0         # a slot left by a killed worker frees itself after this
     max_hold_off: float = 120.0    # a Retry-After longer than this fails the sample instead
+    reuse_s: float = 1.0           # a freed slot granted less than this ago is reused locally
 
 
 class DomainLimiter:
@@ -89,6 +95,10 @@ class DomainLimiter:
         # Finished requests' slots, released by the next acquire call of any thread of this
         # process in the same round trip (or by flush), so a request costs one round trip.
         self._releases: deque[tuple[str, str]] = deque()
+        # Freed slots kept for local reuse: host -> [(token, monotonic time Redis granted it)].
+        self._free: dict[str, list[tuple[str, float]]] = {}
+        self._granted_at: dict[str, float] = {}  # token -> monotonic grant time, while held
+        self._held_until: dict[str, float] = {}  # host -> monotonic end of a hold-off set here
 
     def _keys(self, host: str) -> list[str]:
         return [f"{self.prefix}:slots:{host}", f"{self.prefix}:next:{host}", f"{self.prefix}:hold:{host}"]
@@ -106,6 +116,7 @@ class DomainLimiter:
         """One atomic attempt: (True, start_in_s) with a slot taken, or (False, retry_in_s)."""
         lim = self.limits
         interval = 1.0 / lim.max_rate if lim.max_rate > 0 else 0.0
+        self._unfree()
         releases = self._take_releases()
         granted, wait = self._acquire(keys=self._keys(host) + [key for key, _ in releases],
                                       args=[token, lim.max_concurrency, interval, lim.slot_ttl]
@@ -121,8 +132,40 @@ class DomainLimiter:
                 break
         return taken
 
+    def _reusable(self) -> bool:
+        lim = self.limits
+        return lim.max_concurrency > 0 and lim.max_rate <= 0 and lim.reuse_s > 0
+
+    def _unfree(self, host: str | None = None) -> None:
+        """Queue freed slots (of one host, or all) for release to Redis with the next round trip."""
+        with self._lock:
+            hosts = list(self._free) if host is None else [host]
+            for h in hosts:
+                key = self._keys(h)[0]
+                for token, _ in self._free.pop(h, ()):
+                    self._granted_at.pop(token, None)
+                    self._releases.append((key, token))
+
+    def _reuse(self, host: str) -> str | None:
+        """A freed slot of `host` still young enough to hand out again, or None."""
+        with self._lock:
+            if self._held_until.get(host, 0.0) > time.monotonic():
+                return None  # held off: ask Redis, which knows for how long
+            free = self._free.get(host)
+            while free:
+                token, granted = free.pop()
+                if time.monotonic() - granted < self.limits.reuse_s:
+                    self._granted_at[token] = granted
+                    return token
+                self._releases.append((self._keys(host)[0], token))  # too old: back to Redis
+        return None
+
     def acquire(self, host: str) -> str:
         """Wait for a slot and for the reserved start time; returns the slot's token."""
+        if self._reusable():
+            token = self._reuse(host)
+            if token is not None:
+                return token
         token = uuid.uuid4().hex
         waited = 0.0
         while True:
@@ -139,18 +182,25 @@ class DomainLimiter:
         if wait > 0:
             time.sleep(wait)
             waited += wait
-        if waited:
-            with self._lock:
-                self.waited_s += waited
+        with self._lock:
+            self.waited_s += waited
+            if self._reusable():
+                self._granted_at[token] = time.monotonic()
         return token
 
     def release(self, host: str, token: str) -> None:
         """Give the slot back; it goes to Redis with the next acquire, or with flush()."""
         if self.limits.max_concurrency > 0:
+            with self._lock:
+                granted = self._granted_at.pop(token, None)
+                if granted is not None:
+                    self._free.setdefault(host, []).append((token, granted))
+                    return
             self._releases.append((self._keys(host)[0], token))
 
     def flush(self) -> None:
         """Send every pending release now (when a shard ends, and no acquire may follow soon)."""
+        self._unfree()
         releases = self._take_releases(len(self._releases) + 1)
         if releases:
             with self.redis.pipeline(transaction=False) as pipe:
@@ -160,4 +210,8 @@ class DomainLimiter:
 
     def hold_off(self, host: str, seconds: float) -> float:
         """Ask every worker to leave `host` alone for `seconds` (Retry-After); returns the hold left."""
-        return float(self._hold_off(keys=[self._keys(host)[2]], args=[seconds]))
+        left = float(self._hold_off(keys=[self._keys(host)[2]], args=[seconds]))
+        with self._lock:  # no local reuse past a hold-off
+            self._held_until[host] = time.monotonic() + left
+        self._unfree(host)
+        return left

@@ -1,7 +1,7 @@
 """Write one downloaded shard in img2dataset's webdataset layout: NNNNN.tar, .parquet, _stats.json.
 
 Samples finish in any order; the tar is written in key order as they come (one that arrives
-before its predecessors waits in a spool file), and the parquet at the end, so a shard
+before its predecessors waits in memory up to a bound, then in a spool file), and the parquet at the end, so a shard
 downloaded twice from the same web is the same shard (same members, same bytes, same rows).
 """
 from __future__ import annotations
@@ -24,6 +24,9 @@ RESULT_FIELDS = [("key", pa.string()), ("status", pa.string()), ("error_message"
 # A fixed member mtime makes the tar reproducible (webdataset's writer stamps the time).
 TAR_MTIME = 0
 RECORD_SIZE = 10240  # tar's blocking: archives are whole records of 20 blocks
+# Out-of-order images held in memory before further ones go to the spool file: a few seconds
+# of a process's output, so the common short wait costs no file writes and reads.
+MEMORY_BOUND = 32 * 1024 * 1024
 
 
 def sample_key(index: int, shard: int, shard_size: int) -> str:
@@ -57,10 +60,12 @@ def tar_header(name: str, size: int) -> bytes:
 class ShardWriter:
     """Takes samples in any order, writes the tar in key order as soon as it can.
 
-    A sample that comes before its predecessors waits in the spool file, not in memory,
-    so a slow URL early in the shard costs disk, never RAM."""
+    A sample that comes before its predecessors waits in memory while the waiting bytes stay
+    under `memory_bound`, past it in a spool file, so a slow URL early in the shard costs
+    disk, not unbounded RAM."""
 
-    def __init__(self, out_dir: Path, shard: int, input_schema: pa.Schema, encode_format: str):
+    def __init__(self, out_dir: Path, shard: int, input_schema: pa.Schema, encode_format: str,
+                 memory_bound: int = MEMORY_BOUND):
         self.out_dir = out_dir
         self.name = shard_name(shard)
         self.encode_format = encode_format
@@ -69,9 +74,12 @@ class ShardWriter:
         self.tar_path = out_dir / f"{self.name}.tar"
         self.tar = open(self.tar_path, "wb")
         self.tar_size = 0
-        self.spool = open(out_dir / f"{self.name}.spool", "w+b")
+        self.spool = None  # opened when memory_bound is first passed
+        self.memory_bound = memory_bound
+        self.in_memory = 0  # bytes of waiting images held in memory
         self.rows: dict[int, dict] = {}
-        self.waiting: dict[int, tuple[int, int] | None] = {}  # index -> (offset, length) in the spool
+        # index -> the image, its (offset, length) in the spool, or None for no image
+        self.waiting: dict[int, bytes | tuple[int, int] | None] = {}
         self.next_index = 0
         self.status_counter: Counter = Counter()  # img2dataset's status_dict: success or the error
 
@@ -85,7 +93,12 @@ class ShardWriter:
             self._write_waiting()
         elif image is None:
             self.waiting[index] = None
+        elif self.in_memory + len(image) <= self.memory_bound:
+            self.waiting[index] = image
+            self.in_memory += len(image)
         else:
+            if self.spool is None:
+                self.spool = open(self.out_dir / f"{self.name}.spool", "w+b")
             self.spool.seek(0, io.SEEK_END)
             self.waiting[index] = (self.spool.tell(), len(image))
             self.spool.write(image)
@@ -93,10 +106,12 @@ class ShardWriter:
     def _write_waiting(self) -> None:
         while self.next_index in self.waiting:
             place = self.waiting.pop(self.next_index)
-            image = None
-            if place is not None:
+            image = place
+            if isinstance(place, tuple):
                 self.spool.seek(place[0])
                 image = self.spool.read(place[1])
+            elif place is not None:
+                self.in_memory -= len(place)
             self._write_sample(self.next_index, image)
             self.next_index += 1
 
@@ -121,8 +136,9 @@ class ShardWriter:
         end = 1024 + (-(self.tar_size + 1024) % RECORD_SIZE)  # two zero blocks, whole records
         self.tar.write(b"\0" * end)
         self.tar.close()
-        self.spool.close()
-        (self.out_dir / f"{self.name}.spool").unlink()
+        if self.spool is not None:
+            self.spool.close()
+            (self.out_dir / f"{self.name}.spool").unlink()
 
         ordered = [self.rows[i] for i in sorted(self.rows)]
         parquet_path = self.out_dir / f"{self.name}.parquet"
