@@ -3,23 +3,20 @@
 - Every hop (the URL and each redirect) is resolved and checked by address_guard before any
   connection, and the connection goes to the checked address. Redirects are followed here,
   a bounded number of times, with loop detection.
-- One deadline covers the whole network time of an image (connect, headers, body, retries),
-  enforced by a watchdog that shuts the socket down, so a server that drips one byte a
-  second cannot hold a thread past it. Waiting for a polite turn does not count against it.
+- One deadline covers the whole network time of an image (connect, TLS, headers, body,
+  retries): every read waits only for the time left (workers/http1.py), so a server that
+  drips one byte a second cannot hold a thread past it. Waiting for a polite turn does not
+  count against it.
 - A byte limit is checked on Content-Length and again while reading.
 - Each request takes a per-host slot from the fleet-wide DomainLimiter; Retry-After on 429
   and 503 is shared with the whole fleet through it. Only transient failures are retried.
 - X-Robots-Tag noai / noimageai (for everyone or for our token) means the image is not used.
-- Each thread keeps a few connections alive after a 200, reused only for an address the
-  guard passes again for the next request.
+- Each thread keeps a few connections alive after a complete response, reused only for an
+  address the guard passes again for the next request.
 """
 from __future__ import annotations
 
 import functools
-import heapq
-import http.client
-import itertools
-import os
 import random
 import socket
 import ssl
@@ -32,6 +29,7 @@ from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
 from shared import __version__
+from workers import http1
 from workers.address_guard import AddressRefused, Resolver, checked_addresses
 from workers.politeness import HostHeldOff
 
@@ -40,9 +38,7 @@ REDIRECT_CODES = {301, 302, 303, 307, 308}
 TRANSIENT_CODES = {408, 425, 429, 500, 502, 503, 504}
 DISALLOWED_DIRECTIVES = ("noai", "noimageai")
 PRODUCT = "clipfleet"
-READ_CHUNK = 256 * 1024
 IDLE_PER_THREAD = 4  # kept-alive connections per fetching thread
-WATCHDOG_TICK_S = 0.05  # deadline precision
 # Characters left as they are in a request target; others (non-ASCII, spaces) are %-encoded,
 # as browsers do, since URLs from the web are often not ASCII.
 TARGET_SAFE = "/?&=:;@!$'()*+,%[]~"
@@ -91,15 +87,17 @@ class _Transient(Exception):
 
 def user_agent(token: str | None) -> str:
     """Says who we are and how to tell us no; the token lets operators name their crawl."""
+    if token is not None and (not token.isprintable() or not token.isascii()):
+        raise ValueError(f"the user agent token must be printable ASCII, got {token!r}")
     ua = f"Mozilla/5.0 (compatible; {PRODUCT}/{__version__}; image-text dataset downloader; honours X-Robots-Tag noai"
     return f"{ua}; {token})" if token else f"{ua})"
 
 
-def robots_refusal(headers: http.client.HTTPMessage, tokens: set[str], disallowed: set[str]) -> str | None:
+def robots_refusal(values: list[str], tokens: set[str], disallowed: set[str]) -> str | None:
     """The X-Robots-Tag directive that forbids using this image, if any.
 
-    A value is either `directives` (for every agent) or `agent: directives`."""
-    for value in headers.get_all("X-Robots-Tag") or []:
+    Each value is either `directives` (for every agent) or `agent: directives`."""
+    for value in values:
         agent, sep, directives = value.partition(":")
         if not sep:
             agent, directives = "", value
@@ -131,68 +129,6 @@ def ascii_host(hostname: str) -> str:
     return host if host.isascii() else host.encode("idna").decode("ascii")
 
 
-class DeadlineWatchdog:
-    """One thread that shuts sockets down when their deadline passes.
-
-    It holds a dup() of each socket: shutdown() on the dup ends the TCP connection for every
-    descriptor sharing it, including a TLS socket wrapped around the original, and a blocked
-    recv in the fetching thread returns at once.
-    """
-
-    def __init__(self):
-        self._heap: list = []
-        self._cond = threading.Condition()
-        self._seq = itertools.count()
-        self._pid = None
-
-    def _ensure_thread(self) -> None:
-        if self._pid != os.getpid():  # first use, or first use in a forked worker process
-            self._pid = os.getpid()
-            self._heap = []
-            threading.Thread(target=self._run, name="fetch-deadlines", daemon=True).start()
-
-    def watch(self, sock: socket.socket, deadline: float) -> list:
-        entry = [deadline, next(self._seq), sock.dup(), False]  # deadline, seq, dup, fired
-        with self._cond:
-            self._ensure_thread()
-            heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:  # only an earlier deadline needs the thread awake sooner
-                self._cond.notify()
-        return entry
-
-    def unwatch(self, entry: list) -> bool:
-        """Stop watching; returns whether the deadline had already fired."""
-        with self._cond:
-            dup, entry[2] = entry[2], None
-        if dup is not None:
-            dup.close()
-        return entry[3]
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._heap and self._heap[0][2] is None:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                delay = self._heap[0][0] - time.monotonic()
-                if delay > 0:
-                    # Most entries are unwatched long before their deadline; waking at most
-                    # every WATCHDOG_TICK_S to drop them keeps this thread off the GIL.
-                    self._cond.wait(max(delay, WATCHDOG_TICK_S))
-                    continue
-                entry = heapq.heappop(self._heap)
-                entry[3] = True
-                try:
-                    entry[2].shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-WATCHDOG = DeadlineWatchdog()
-
-
 @functools.lru_cache(maxsize=1)
 def tls_context() -> ssl.SSLContext:
     """One verifying context per process: building one loads the CA store (milliseconds)."""
@@ -222,8 +158,8 @@ class Fetcher:
         self.resolver = resolver
         self.connect = connect
         self.url_blocked = url_blocked
-        self.headers = {"User-Agent": user_agent(opts.user_agent_token), "Accept": "image/*,*/*;q=0.5",
-                        "Accept-Encoding": "identity"}
+        self._header_block = (f"User-Agent: {user_agent(opts.user_agent_token)}\r\n"
+                              "Accept: image/*,*/*;q=0.5\r\nAccept-Encoding: identity\r\n\r\n").encode("latin-1")
         self._idle = _IdleConnections()
         self.tokens = {PRODUCT} | ({opts.user_agent_token.strip().lower()} if opts.user_agent_token else set())
         self.disallowed = {d.strip().lower() for d in opts.disallowed_directives}
@@ -295,120 +231,111 @@ class Fetcher:
         if budget.left() <= 0:
             raise FetchFailed(budget.timeout_message())
         target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=TARGET_SAFE)
+        default_port = 443 if parts.scheme == "https" else 80
+        authority = (f"[{host}]" if ":" in host else host) + ("" if port == default_port else f":{port}")
+        request = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s" % (target.encode("ascii"), authority.encode("ascii"),
+                                                          self._header_block)
         key = (parts.scheme, host, port)
-        idle = self._idle.conns.pop(key, None)
-        if idle is not None:
-            addr, conn = idle
-            if addr in addrs:  # still an address the guard just passed
-                try:
-                    return self._exchange_on(conn, addr, key, target, budget)
-                except _StaleConnection:
-                    pass  # the server closed it while it sat idle: ask on a fresh one
-            else:
-                conn.close()
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=budget.left(), context=tls_context())
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=budget.left())
-        return self._exchange_on(conn, None, key, target, budget, addrs)
-
-    def _exchange_on(self, conn, addr: str | None, key: tuple, target: str, budget: Budget,
-                     addrs: list[str] | None = None) -> bytes | str:
-        host, port = key[1], key[2]
         started = time.monotonic()
         deadline = started + budget.left()
-        watched, connected = [], [addr]
-        if addr is None:  # a new connection: to a checked address, watched from the start
-            # The one hook http.client has for this: connect to a checked address, not the name.
-            conn._create_connection = self._connector(addrs, port, deadline, watched, connected)
-        else:
-            conn.sock.settimeout(budget.left())
-            watched.append(WATCHDOG.watch(conn.sock, deadline))
+        try:
+            idle = self._idle.conns.pop(key, None)
+            if idle is not None:
+                addr, sock = idle
+                if addr in addrs:  # still an address the guard just passed
+                    try:
+                        return self._exchange_on(sock, addr, key, request, deadline, budget, reused=True)
+                    except _StaleConnection:
+                        pass  # the server closed it while it sat idle: ask on a fresh one
+                else:
+                    sock.close()
+            addr, sock = self._open(parts.scheme, host, port, addrs, deadline, budget)
+            return self._exchange_on(sock, addr, key, request, deadline, budget, reused=False)
+        finally:
+            budget.spent += time.monotonic() - started
+
+    def _open(self, scheme: str, host: str, port: int, addrs: list[str], deadline: float,
+              budget: Budget) -> tuple[str, socket.socket]:
+        """A connection to the first checked address that takes one (TLS for https)."""
+        last: Exception = OSError("no address")
+        for addr in addrs:
+            try:
+                sock = self.connect((addr, port), max(0.01, deadline - time.monotonic()))
+            except OSError as exc:
+                last = exc
+                continue
+            if scheme != "https":
+                return addr, sock
+            try:
+                return addr, http1.tls_handshake(sock, tls_context(), host, deadline)
+            except http1.Timeout:
+                sock.close()
+                raise FetchFailed(budget.timeout_message()) from None
+            except ssl.SSLCertVerificationError as exc:  # asking again gets the same certificate
+                sock.close()
+                raise FetchFailed(f"tls error: {exc.verify_message or exc}") from None
+            except OSError as exc:
+                sock.close()
+                raise _Transient(f"connection error: {exc.__class__.__name__}: {exc}") from None
+        if isinstance(last, (socket.timeout, TimeoutError)):
+            raise FetchFailed(budget.timeout_message())
+        if isinstance(last, ConnectionRefusedError):
+            raise FetchFailed(f"connection refused: {host}:{port}")
+        raise _Transient(f"connection error: {last.__class__.__name__}: {last}")
+
+    def _exchange_on(self, sock: socket.socket, addr: str, key: tuple, request: bytes, deadline: float,
+                     budget: Budget, reused: bool) -> bytes | str:
         keep = False
         try:
             try:
-                conn.request("GET", target, headers=self.headers)
-                resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                if addr is not None and not watched[0][3]:
+                response = http1.exchange(sock, request, deadline, self.opts.max_bytes)
+            except http1.Closed as exc:
+                if reused and exc.fresh:
                     raise _StaleConnection() from None
-                raise
-            result = self._read_response(resp, host, budget)
-            if watched and watched[0][3]:  # cut at the deadline: what we read may look complete
-                raise FetchFailed(budget.timeout_message())
-            keep = isinstance(result, bytes) and not resp.will_close
-            return result
-        except (FetchFailed, _Transient, _StaleConnection):
-            raise
-        except (socket.timeout, TimeoutError):
-            raise FetchFailed(budget.timeout_message()) from None
-        except ssl.SSLCertVerificationError as exc:  # asking again gets the same certificate
-            raise FetchFailed(f"tls error: {exc.verify_message or exc}") from None
-        except (OSError, http.client.HTTPException) as exc:
-            if watched and watched[0][3]:  # the watchdog cut it at the deadline
+                raise _Transient(f"connection error: {exc}") from None
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                if reused:
+                    raise _StaleConnection() from None
+                raise _Transient(f"connection error: {exc.__class__.__name__}: {exc}") from None
+            except http1.Timeout:
                 raise FetchFailed(budget.timeout_message()) from None
-            if isinstance(exc, ConnectionRefusedError):
-                raise FetchFailed(f"connection refused: {host}:{port}") from None
-            raise _Transient(f"connection error: {exc.__class__.__name__}: {exc}") from None
+            except http1.TooLarge as exc:
+                raise FetchFailed(str(exc)) from None
+            except http1.ProtocolError as exc:
+                raise _Transient(f"connection error: bad response: {exc}") from None
+            except OSError as exc:
+                raise _Transient(f"connection error: {exc.__class__.__name__}: {exc}") from None
+            keep = response.keep_alive
+            return self._outcome(response, key[1])
         finally:
-            fired = any([WATCHDOG.unwatch(w) for w in watched])
-            if keep and not fired:
-                self._keep_idle(key, connected[-1], conn)
+            if keep:
+                self._keep_idle(key, addr, sock)
             else:
-                conn.close()
-            budget.spent += time.monotonic() - started
-            if fired and budget.left() > 0:
-                budget.spent = budget.total
+                sock.close()
 
-    def _connector(self, addrs: list[str], port: int, deadline: float, watched: list, connected: list):
-        def connect_checked(_address, timeout, source_address=None):
-            # http.client asks for (host, port); we connect to an address checked above.
-            last: Exception = OSError("no address")
-            for addr in addrs:
-                try:
-                    sock = self.connect((addr, port), max(0.01, deadline - time.monotonic()))
-                except OSError as exc:
-                    last = exc
-                    continue
-                watched.append(WATCHDOG.watch(sock, deadline))
-                connected.append(addr)
-                return sock
-            raise last
-        return connect_checked
-
-    def _keep_idle(self, key: tuple, addr: str, conn) -> None:
+    def _keep_idle(self, key: tuple, addr: str, sock: socket.socket) -> None:
         conns = self._idle.conns
-        conns[key] = (addr, conn)
+        conns[key] = (addr, sock)
         while len(conns) > IDLE_PER_THREAD:  # the oldest goes: hosts repeat soon or not at all
             conns.pop(next(iter(conns)))[1].close()
 
-    def _read_response(self, resp: http.client.HTTPResponse, host: str, budget: Budget) -> bytes | str:
-        if resp.status in REDIRECT_CODES:
-            location = resp.getheader("Location")
+    def _outcome(self, response: http1.Response, host: str) -> bytes | str:
+        """The body of a 200, the Location of a redirect; raises for anything else."""
+        status, reason = response.status, response.reason
+        if status in REDIRECT_CODES:
+            location = response.header("Location")
             if not location:
-                raise FetchFailed(f"redirect {resp.status} without a Location")
+                raise FetchFailed(f"redirect {status} without a Location")
             return location
-        if resp.status in TRANSIENT_CODES:
-            retry_after = retry_after_seconds(resp.getheader("Retry-After")) if resp.status in (429, 503) else None
+        if status in TRANSIENT_CODES:
+            retry_after = retry_after_seconds(response.header("Retry-After")) if status in (429, 503) else None
             if retry_after is not None and self.limiter is not None:
                 self.limiter.hold_off(host, retry_after)
             hint = f" (retry after {retry_after:g}s)" if retry_after is not None else ""
-            raise _Transient(f"http {resp.status} {resp.reason}{hint}", retry_after)
-        if resp.status != 200:
-            raise FetchFailed(f"http {resp.status} {resp.reason}")
-        directive = robots_refusal(resp.msg, self.tokens, self.disallowed)
+            raise _Transient(f"http {status} {reason}{hint}", retry_after)
+        if status != 200:
+            raise FetchFailed(f"http {status} {reason}")
+        directive = robots_refusal(response.header_values("X-Robots-Tag"), self.tokens, self.disallowed)
         if directive:
             raise FetchFailed(f"disallowed by X-Robots-Tag: {directive}", refused="x-robots-tag")
-        limit = self.opts.max_bytes
-        if resp.length is not None and resp.length > limit:
-            raise FetchFailed(f"too large: Content-Length {resp.length} is over {limit} bytes")
-        chunks, size = [], 0
-        while True:
-            chunk = resp.read(min(READ_CHUNK, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise FetchFailed(f"too large: more than {limit} bytes")
-        return b"".join(chunks)
+        return response.body

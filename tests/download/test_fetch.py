@@ -94,10 +94,7 @@ def test_allow_private_never_opens_link_local_multicast_or_unspecified():
     ("noindex", None), ("nofollow, noarchive", None),
 ])
 def test_x_robots_tag(value, refused):
-    from email.message import Message
-    headers = Message()
-    headers["X-Robots-Tag"] = value
-    assert robots_refusal(headers, {"clipfleet", "mytoken"}, {"noai", "noimageai"}) == refused
+    assert robots_refusal([value], {"clipfleet", "mytoken"}, {"noai", "noimageai"}) == refused
 
 
 def test_user_agent_identifies_us_and_carries_the_token(recording_server):
