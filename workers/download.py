@@ -7,8 +7,10 @@ decodes, resizes and encodes (workers/resize.py) as results come, and writes the
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import queue
 import socket
 import threading
@@ -130,9 +132,45 @@ def _fetch_loop(rows: list[dict], todo, results: queue.SimpleQueue, room: queue.
             results.put((index, exc))
 
 
+class FetchPool:
+    """Fetching threads that outlive a shard.
+
+    Starting 64 threads for every shard cost the CPU thread ~40 ms of waiting for each to
+    come up; these start once per process (lazily, so after a worker forks) and take each
+    shard's fetch loop as a job."""
+
+    def __init__(self, size: int):
+        self.size = max(1, size)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self.busy = 0  # threads running a job
+
+    def run_everywhere(self, job) -> None:
+        """Start `job` in every thread of the pool (in each as soon as it is free)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                for n in range(self.size):
+                    threading.Thread(target=self._serve, name=f"download-{n}", daemon=True).start()
+        for _ in range(self.size):
+            self._jobs.put(job)
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            with self._lock:
+                self.busy += 1
+            try:
+                job()
+            finally:
+                with self._lock:
+                    self.busy -= 1
+
+
 def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts: ResizeOptions,
-                   blocklist: Blocklist, threads: int, shard_size: int) -> StageOutput:
-    """Fetch in `threads` threads; decode/resize/encode in this one, as results come.
+                   blocklist: Blocklist, pool: FetchPool, shard_size: int) -> StageOutput:
+    """Fetch in the pool's threads; decode/resize/encode in this one, as results come.
 
     One CPU thread per process (the fleet runs a process per core) measured faster than
     resizing in every fetching thread: runnable threads fight over the GIL and caches."""
@@ -140,16 +178,11 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
     rows = urls.to_pylist()
     writer = ShardWriter(out, shard, urls.schema, opts.encode_format)
     counts, refused = Counter(), Counter()
-    threads = max(1, min(threads, len(rows)))
     results, room, stopping = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
-    for _ in range(2 * threads):
+    for _ in range(2 * pool.size):
         room.put(None)
     todo = iter(range(len(rows)))
-    workers = [threading.Thread(target=_fetch_loop, name=f"download-{n}", daemon=True,
-                                args=(rows, todo, results, room, stopping, fetcher, blocklist))
-               for n in range(threads)]
-    for worker in workers:
-        worker.start()
+    pool.run_everywhere(functools.partial(_fetch_loop, rows, todo, results, room, stopping, fetcher, blocklist))
     try:
         for _ in range(len(rows)):
             index, result = results.get()
@@ -172,7 +205,7 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
     finally:
         # On a soft time limit or an error, do not wait for stragglers; free threads waiting for room.
         stopping.set()
-        for _ in range(threads):
+        for _ in range(pool.size):
             room.put(None)
         if fetcher.limiter is not None:
             fetcher.limiter.flush()
@@ -200,6 +233,7 @@ class DownloadStage(Stage):
         self._limiter = limiter
         self._resolver, self._connect = resolver, connect
         self._fetcher: Fetcher | None = None
+        self.pool = FetchPool(run.download_threads)
 
     def fetcher(self) -> Fetcher:
         # Built on first use, inside the worker process, where the broker's Redis is reachable.
@@ -215,7 +249,7 @@ class DownloadStage(Stage):
         fetcher = self.fetcher()
         waited_before = fetcher.limiter.waited_s if fetcher.limiter is not None else 0.0
         output = download_shard(urls, shard, out, fetcher, self.resize_opts, self.blocklist,
-                                self.run_config.download_threads, self.run_config.shard_size)
+                                self.pool, self.run_config.shard_size)
         if fetcher.limiter is not None:  # thread-seconds spent waiting for a polite turn
             output.stats["politeness_wait_s"] = round(fetcher.limiter.waited_s - waited_before, 1)
         log.info("download %s: %s", shard, output.stats)

@@ -39,6 +39,11 @@ TRANSIENT_CODES = {408, 425, 429, 500, 502, 503, 504}
 DISALLOWED_DIRECTIVES = ("noai", "noimageai")
 PRODUCT = "clipfleet"
 IDLE_PER_THREAD = 4  # kept-alive connections per fetching thread
+# A host's checked addresses are reused this long: image hosts repeat within a shard, and a
+# lookup per image would cost a DNS round trip each (DNS answers commonly live 60-300 s).
+# Safe against rebinding: we still connect only to the addresses that were checked.
+ADDRESS_CACHE_S = 60.0
+ADDRESS_CACHE_SIZE = 100_000
 # Characters left as they are in a request target; others (non-ASCII, spaces) are %-encoded,
 # as browsers do, since URLs from the web are often not ASCII.
 TARGET_SAFE = "/?&=:;@!$'()*+,%[]~"
@@ -161,6 +166,7 @@ class Fetcher:
         self._header_block = (f"User-Agent: {user_agent(opts.user_agent_token)}\r\n"
                               "Accept: image/*,*/*;q=0.5\r\nAccept-Encoding: identity\r\n\r\n").encode("latin-1")
         self._idle = _IdleConnections()
+        self._addresses: dict[tuple[str, int], tuple[float, list[str] | str]] = {}  # -> (expiry, addrs or refusal)
         self.tokens = {PRODUCT} | ({opts.user_agent_token.strip().lower()} if opts.user_agent_token else set())
         self.disallowed = {d.strip().lower() for d in opts.disallowed_directives}
 
@@ -213,18 +219,32 @@ class Fetcher:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise FetchFailed(f"unsupported url: bad port in {url[:200]}") from None
-        try:
-            addrs = checked_addresses(host, port, self.opts.allow_private_addresses, self.resolver)
-        except AddressRefused as exc:
-            raise FetchFailed(str(exc), refused="private address") from None
-        except OSError as exc:
-            raise FetchFailed(f"dns error: {host}: {exc}") from None
+        addrs = self._checked_addresses(host, port)
         try:
             slot = self.limiter.slot(host) if self.limiter is not None else nullcontext()
             with slot:
                 return self._exchange(parts, host, port, addrs, budget)
         except HostHeldOff as exc:
             raise FetchFailed(str(exc)) from None
+
+    def _checked_addresses(self, host: str, port: int) -> list[str]:
+        """The host's addresses, all checked by the guard; refusals are cached too, failures not."""
+        now = time.monotonic()
+        cached = self._addresses.get((host, port))
+        if cached is None or cached[0] <= now:
+            try:
+                found: list[str] | str = checked_addresses(host, port, self.opts.allow_private_addresses,
+                                                           self.resolver)
+            except AddressRefused as exc:
+                found = str(exc)
+            except OSError as exc:
+                raise FetchFailed(f"dns error: {host}: {exc}") from None
+            if len(self._addresses) >= ADDRESS_CACHE_SIZE:
+                self._addresses.clear()
+            cached = self._addresses[(host, port)] = (now + ADDRESS_CACHE_S, found)
+        if isinstance(cached[1], str):
+            raise FetchFailed(cached[1], refused="private address")
+        return cached[1]
 
     def _exchange(self, parts, host: str, port: int, addrs: list[str], budget: Budget) -> bytes | str:
         """One request and response, on this thread's idle connection to the host when it has one."""

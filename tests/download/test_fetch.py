@@ -151,3 +151,24 @@ def test_non_ascii_urls_are_percent_encoded(recording_server):
     fetcher = Fetcher(FetchOptions(allow_private_addresses=True))
     fetcher.fetch(recording_server.url + "/caf\u00e9 cr\u00e8me.jpg?q=\u00e9t\u00e9")
     assert recording_server.requests[0][0] == "/caf%C3%A9%20cr%C3%A8me.jpg?q=%C3%A9t%C3%A9"
+
+
+def test_a_hosts_checked_addresses_are_reused_and_so_are_refusals(recording_server):
+    calls = []
+    mapping = resolver_mapping({"img.test": "127.0.0.1", "meta.test": "169.254.169.254"})
+
+    def counting(host, *args, **kwargs):
+        calls.append(host)
+        return mapping(host, *args, **kwargs)
+    connect = RecordingConnect()
+    fetcher = Fetcher(FetchOptions(allow_private_addresses=True), resolver=counting, connect=connect)
+    port = recording_server.server_address[1]
+    for name in ("a", "b", "c"):
+        assert fetcher.fetch(f"http://img.test:{port}/{name}.jpg")
+    for _ in range(2):
+        with pytest.raises(FetchFailed, match="private address 169.254.169.254") as failed:
+            fetcher.fetch(f"http://meta.test:{port}/x.jpg")
+        assert failed.value.refused == "private address"
+    assert calls == ["img.test", "meta.test"]
+    assert set(connect.attempts) == {("127.0.0.1", port)}
+    assert [r[1]["Host"] for r in recording_server.requests] == [f"img.test:{port}"] * 3

@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.pipeline import TransientError
 from workers.blocklist import Blocklist
-from workers.download import download_shard
+from workers.download import FetchPool, download_shard
 from workers.fetch import FetchFailed
 from workers.resize import ResizeOptions
 
@@ -35,23 +35,26 @@ class FakeFetcher:
 
 def test_every_sample_is_fetched_once_and_written_in_order(tmp_path):
     urls = [f"http://example.com/{i}.jpg" for i in range(300)]
-    fetcher = FakeFetcher()
-    output = download_shard(pa.table({"url": urls}), 0, tmp_path, fetcher, ResizeOptions(),
-                            Blocklist.load(None), threads=7, shard_size=300)
-    assert sorted(fetcher.fetched) == sorted(urls)
-    assert output.stats["count"] == 300 and output.stats["failed_to_download"] == 300
+    pool = FetchPool(7)
+    for shard in range(3):  # the same threads serve shard after shard
+        fetcher = FakeFetcher()
+        output = download_shard(pa.table({"url": urls}), shard, tmp_path, fetcher, ResizeOptions(),
+                                Blocklist.load(None), pool, shard_size=300)
+        assert sorted(fetcher.fetched) == sorted(urls)
+        assert output.stats["count"] == 300 and output.stats["failed_to_download"] == 300
+    assert sum(t.name.startswith("download-") for t in threading.enumerate()) >= 7
 
 
 @pytest.mark.timeout(30)
 def test_redis_outage_fails_the_shard_and_frees_its_threads(tmp_path):
     urls = [f"http://example.com/{i}.jpg" for i in range(2000)]
-    before = threading.active_count()
+    pool = FetchPool(8)
     fetcher = FakeFetcher(redis_down_on=urls[5])
     with pytest.raises(TransientError):
         download_shard(pa.table({"url": urls}), 0, tmp_path, fetcher, ResizeOptions(),
-                       Blocklist.load(None), threads=8, shard_size=2000)
+                       Blocklist.load(None), pool, shard_size=2000)
     deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
+    while pool.busy and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert threading.active_count() == before  # no thread left fetching or waiting for room
+    assert pool.busy == 0  # no thread left fetching or waiting for room
     assert len(fetcher.fetched) < len(urls)  # the rest of the shard was not fetched
