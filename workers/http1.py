@@ -132,22 +132,22 @@ def tls_handshake(sock: socket.socket, context: ssl.SSLContext, server_hostname:
 def exchange(sock: socket.socket, request: bytes, deadline: float, max_bytes: int) -> Response:
     """Send `request` and read the response: its body only on a 200.
 
+    The socket is non-blocking: a read is tried first and waited for (up to the deadline)
+    only when nothing is there, one system call instead of a poll before every read.
     The connection may be reused iff `response.keep_alive`."""
-    sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-    try:
-        sock.sendall(request)
-    except (socket.timeout, TimeoutError):
-        raise Timeout() from None
+    if sock.gettimeout() != 0.0:  # new connections only: each switch is a system call
+        sock.setblocking(False)
+    _send_all(sock, request, deadline)
     response = Response()
     while not response.complete:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Timeout()
-        sock.settimeout(left)
         try:
             data = sock.recv(RECV_BYTES)
-        except (socket.timeout, TimeoutError):
-            raise Timeout() from None
+        except (BlockingIOError, ssl.SSLWantReadError):
+            wait_ready(sock, False, deadline)
+            continue
+        except ssl.SSLWantWriteError:
+            wait_ready(sock, True, deadline)
+            continue
         if not data:
             if response.headers_done and not response._framed():
                 response.complete = True  # the body ends when the connection does
@@ -155,6 +155,8 @@ def exchange(sock: socket.socket, request: bytes, deadline: float, max_bytes: in
                 break
             raise Closed("the server closed the connection before a complete response",
                          fresh=not response.started)
+        if time.monotonic() > deadline:  # data that keeps coming, slowly, ends here too
+            raise Timeout()
         try:
             response._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -172,3 +174,14 @@ def exchange(sock: socket.socket, request: bytes, deadline: float, max_bytes: in
             if response.size > max_bytes:
                 raise TooLarge(f"too large: more than {max_bytes} bytes")
     return response
+
+
+def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            wait_ready(sock, True, deadline)
+        except ssl.SSLWantReadError:
+            wait_ready(sock, False, deadline)

@@ -250,3 +250,17 @@ def test_a_silent_tls_peer_fails_at_the_deadline(serve):
     with pytest.raises(FetchFailed, match="timeout: no complete response within 0.5s"):
         fetcher.fetch(f"https://127.0.0.1:{server.port}/i.jpg")
     assert time.monotonic() - started < 2
+
+
+def test_a_steady_trickle_that_never_pauses_long_still_ends_at_the_deadline(serve):
+    def trickle(conn):
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        for _ in range(100000):
+            conn.sendall(b"x")
+            time.sleep(0.002)
+    server = serve(trickle)
+    started = time.monotonic()
+    with pytest.raises(http1.Timeout):
+        ask(server.port, timeout=0.5, max_bytes=10**6)
+    assert time.monotonic() - started < 1.5
