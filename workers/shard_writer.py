@@ -38,25 +38,37 @@ def sample_key(index: int, shard: int, shard_size: int) -> str:
     return f"{shard * 10 ** digits + index:0{5 + digits}d}"
 
 
-def tar_header(name: str, size: int) -> bytes:
-    """A POSIX ustar header for a regular file (read-only, fixed mtime, no owner).
-
-    Built here because tarfile spends ~40 us a member in Python on the same bytes."""
-    encoded = name.encode()
-    if len(encoded) > 100:
-        raise ValueError(f"tar member name over 100 bytes: {name!r}")
+def _ustar_template() -> bytes:
+    """A POSIX ustar header for a read-only regular file, fixed mtime, no owner; name and size empty."""
     header = bytearray(512)
-    header[0:len(encoded)] = encoded
     header[100:108] = b"0000444\0"                     # mode
     header[108:116] = header[116:124] = b"0000000\0"   # uid, gid
-    header[124:136] = b"%011o\0" % size
     header[136:148] = b"%011o\0" % TAR_MTIME
     header[148:156] = b" " * 8                         # checksum, counted as spaces
     header[156:157] = b"0"                             # regular file
     header[257:265] = b"ustar\x0000"                   # magic and version
     header[329:337] = header[337:345] = b"0000000\0"   # device numbers
-    header[148:156] = b"%06o\0 " % sum(header)
     return bytes(header)
+
+
+_USTAR_TEMPLATE = _ustar_template()
+_USTAR_TEMPLATE_SUM = sum(_USTAR_TEMPLATE)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The member's header: the template with its name, size and checksum filled in.
+
+    Built here because tarfile spends ~40 us a member in Python on the same bytes; the
+    checksum adds the name's and size's bytes to the template's sum instead of summing 512."""
+    encoded = name.encode()
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name over 100 bytes: {name!r}")
+    size_field = b"%011o\0" % size
+    header = bytearray(_USTAR_TEMPLATE)
+    header[0:len(encoded)] = encoded
+    header[124:136] = size_field
+    header[148:156] = b"%06o\0 " % (_USTAR_TEMPLATE_SUM + sum(encoded) + sum(size_field))
+    return header
 
 
 class ShardWriter:
