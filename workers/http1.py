@@ -16,6 +16,9 @@ import time
 import httptools
 
 RECV_BYTES = 256 * 1024
+# Status line and headers (of all 1xx responses too): a server streaming header lines forever
+# must not grow memory until the deadline. http.client allows 100 lines of 64 KiB.
+MAX_HEAD_BYTES = 256 * 1024
 
 
 class Timeout(Exception):
@@ -139,6 +142,7 @@ def exchange(sock: socket.socket, request: bytes, deadline: float, max_bytes: in
         sock.setblocking(False)
     _send_all(sock, request, deadline)
     response = Response()
+    head_bytes = 0
     while not response.complete:
         try:
             data = sock.recv(RECV_BYTES)
@@ -163,16 +167,20 @@ def exchange(sock: socket.socket, request: bytes, deadline: float, max_bytes: in
             if not response.complete:
                 raise ProtocolError(str(exc)) from None
             response.keep_alive = False  # bytes after the response: never reuse this connection
-        if response.headers_done and response.status != 200:
+        if not response.headers_done:
+            head_bytes += len(data)
+            if head_bytes > MAX_HEAD_BYTES:
+                raise ProtocolError(f"response headers over {MAX_HEAD_BYTES} bytes")
+            continue
+        if response.status != 200:
             # Only an image's body is read: a redirect's or an error's stays unread (and the
             # connection unused) unless it came whole with the headers.
             response.keep_alive = response.keep_alive and response.complete
             return response
-        if response.headers_done:
-            if response.length is not None and response.length > max_bytes:
-                raise TooLarge(f"too large: Content-Length {response.length} is over {max_bytes} bytes")
-            if response.size > max_bytes:
-                raise TooLarge(f"too large: more than {max_bytes} bytes")
+        if response.length is not None and response.length > max_bytes:
+            raise TooLarge(f"too large: Content-Length {response.length} is over {max_bytes} bytes")
+        if response.size > max_bytes:
+            raise TooLarge(f"too large: more than {max_bytes} bytes")
     return response
 
 

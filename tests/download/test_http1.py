@@ -254,3 +254,24 @@ def test_a_silent_tls_peer_fails_at_the_deadline(serve):
     with pytest.raises(FetchFailed, match="timeout: no complete response within 0.5s"):
         fetcher.fetch(f"https://127.0.0.1:{server.port}/i.jpg")
     assert time.monotonic() - started < 2
+
+
+def test_endless_headers_are_cut_at_the_head_limit(serve):
+    def endless(conn):
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        while True:
+            conn.sendall(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+    server = serve(endless)
+    with pytest.raises(http1.ProtocolError, match="headers over"):
+        ask(server.port, timeout=30)
+
+
+def test_endless_informational_responses_are_cut_at_the_head_limit(serve):
+    def endless(conn):
+        read_request(conn)
+        while True:
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 100)
+    server = serve(endless)
+    with pytest.raises(http1.ProtocolError, match="headers over"):
+        ask(server.port, timeout=30)
