@@ -137,7 +137,7 @@ class FetchPool:
 
     Starting 64 threads for every shard cost the CPU thread ~40 ms of waiting for each to
     come up; these start once per process (lazily, so after a worker forks) and take each
-    shard's fetch loop as a job."""
+    shard's fetch loop as a job. Stages share them through `shared_pool`."""
 
     def __init__(self, size: int):
         self.size = max(1, size)
@@ -166,6 +166,12 @@ class FetchPool:
             finally:
                 with self._lock:
                     self.busy -= 1
+
+
+@functools.cache
+def shared_pool(size: int) -> FetchPool:
+    """This process's pool of `size` threads: a worker serving many runs keeps one, not one a run."""
+    return FetchPool(size)
 
 
 def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts: ResizeOptions,
@@ -233,7 +239,7 @@ class DownloadStage(Stage):
         self._limiter = limiter
         self._resolver, self._connect = resolver, connect
         self._fetcher: Fetcher | None = None
-        self.pool = FetchPool(run.download_threads)
+        self.pool = shared_pool(run.download_threads)
 
     def fetcher(self) -> Fetcher:
         # Built on first use, inside the worker process, where the broker's Redis is reachable.
