@@ -133,6 +133,12 @@ def cmd_run(args) -> int:
     if stages[-1] != cfg.until:
         log.warning("stages after %s are not built yet; this run stops there", stages[-1])
     runlib.register(store, cfg)
+    first = runlib.first_tasks(store, cfg)
+    state = runlib.progress(store, stages, first)
+    if first and all(p.expected <= p.done for p in state):  # a rerun of a finished run: no fleet needed
+        print(f"nothing to do: all {len(first)} {first[0].stage} tasks already done")
+        print(runlib.summary(state))
+        return 0
     fleet = None
     try:
         if args.broker:
@@ -147,7 +153,6 @@ def cmd_run(args) -> int:
         from workers.app import make_app
         import redis
         app, client = make_app(broker), redis.Redis.from_url(broker)
-        first = runlib.first_tasks(store, cfg)
         if args.detach:
             sent = runlib.enqueue(app, client, store, first)
             print(f"enqueued {sent} {first[0].stage if first else ''} tasks; "

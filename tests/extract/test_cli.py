@@ -38,6 +38,7 @@ def test_run_until_extract_then_resume(sandbox, tmp_path):
     first = clipfleet_run(sandbox.wats, store_uri, tmp_path / "state")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sent 3 of 3 extract tasks" in first.stdout
+    assert "starting an embedded fleet" in first.stderr
 
     store = Store(store_uri)
     rows = [r for name in store.list("urls") for r in pq.read_table(store.path(f"urls/{name}")).to_pylist()]
@@ -59,5 +60,6 @@ def test_run_until_extract_then_resume(sandbox, tmp_path):
 
     again = clipfleet_run(sandbox.wats, store_uri, tmp_path / "state")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "sent 0 of 3 extract tasks (3 already done)" in again.stdout
+    assert "nothing to do: all 3 extract tasks already done" in again.stdout
+    assert "starting an embedded fleet" not in again.stderr
     assert {m["shard"]: m for m in store.markers("extract")} == markers
