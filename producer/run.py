@@ -6,6 +6,7 @@ enqueueing, and the stage itself skips a marked shard if a duplicate task arrive
 from __future__ import annotations
 
 import logging
+import sys
 import os
 import time
 from dataclasses import dataclass
@@ -110,12 +111,22 @@ def progress(store: Store, stages: list[str], first: list[FirstTask],
     return out
 
 
+LOG_PROGRESS_S = 30.0
+
+
 def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, poll_s: float = 1.0,
            show_progress: bool = True) -> list[StageProgress]:
-    """Block until every expected shard of every stage is done or dead-lettered."""
+    """Block until every expected shard of every stage is done or dead-lettered.
+
+    On a terminal the bars redraw when a count changes; in a log (not a TTY) a bar is
+    printed when it changes but at most every LOG_PROGRESS_S, so a long run does not
+    write a line a second."""
     from tqdm import tqdm
     bars = {s: tqdm(desc=f"{s:>8}", unit="shard", position=i, leave=True, disable=not show_progress)
             for i, s in enumerate(stages)}
+    every = 0.0 if sys.stderr.isatty() else LOG_PROGRESS_S
+    shown: dict[str, tuple] = {}
+    last_shown = {s: float("-inf") for s in stages}
     next_cache: dict = {}
     try:
         while True:
@@ -124,8 +135,11 @@ def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, 
                 bar = bars[p.stage]
                 bar.total = len(p.expected)
                 bar.n = len(p.done)
-                bar.set_postfix(failed=len(p.failed), refresh=False)
-                bar.refresh()
+                counts = (bar.total, bar.n, len(p.failed))
+                if counts != shown.get(p.stage) and (time.monotonic() - last_shown[p.stage] >= every or p.finished):
+                    bar.set_postfix(failed=len(p.failed), refresh=False)
+                    bar.refresh()
+                    shown[p.stage], last_shown[p.stage] = counts, time.monotonic()
             if all(p.finished for p in state):
                 return state
             if fleet is not None and fleet.dead():
