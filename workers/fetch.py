@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 import socket
 import ssl
 import threading
@@ -47,6 +48,8 @@ ADDRESS_CACHE_SIZE = 100_000
 # Characters left as they are in a request target; others (non-ASCII, spaces) are %-encoded,
 # as browsers do, since URLs from the web are often not ASCII.
 TARGET_SAFE = "/?&=:;@!$'()*+,%[]~"
+# A host name after IDNA, or an IP literal (IPv6 with its zone id).
+HOST_CHARS = re.compile(r"[a-z0-9._:%-]+")
 
 Connector = Callable[[tuple[str, int], float], socket.socket]
 
@@ -214,7 +217,9 @@ class Fetcher:
         try:
             host = ascii_host(parts.hostname)
         except UnicodeError:
-            raise FetchFailed(f"unsupported url: bad host name in {url[:200]}") from None
+            host = ""
+        if not HOST_CHARS.fullmatch(host):  # it goes into the Host header as it is
+            raise FetchFailed(f"unsupported url: bad host name in {url[:200]}")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:

@@ -172,3 +172,12 @@ def test_a_hosts_checked_addresses_are_reused_and_so_are_refusals(recording_serv
     assert calls == ["img.test", "meta.test"]
     assert set(connect.attempts) == {("127.0.0.1", port)}
     assert [r[1]["Host"] for r in recording_server.requests] == [f"img.test:{port}"] * 3
+
+
+@pytest.mark.parametrize("url", ["http://a b.test/x.jpg", "http://a\x00b.test/x.jpg", "http://a\"b.test/x.jpg"])
+def test_a_host_name_that_cannot_go_into_a_header_is_refused_before_resolving(url):
+    resolved = []
+    fetcher = Fetcher(FetchOptions(allow_private_addresses=True), resolver=lambda *a, **k: resolved.append(a))
+    with pytest.raises(FetchFailed, match="unsupported url: bad host name"):
+        fetcher.fetch(url)
+    assert resolved == []
