@@ -31,7 +31,7 @@ SAMPLES = int(os.environ.get("CLIPFLEET_BENCH_DOWNLOAD_SAMPLES", 3000))
 SHARD_SIZE = 500
 PROCESSES = 2
 THREADS = 64
-REPEATS = 3
+REPEATS = 5
 REPO = Path(__file__).resolve().parents[1]
 
 
