@@ -55,7 +55,7 @@ class Response:
     def _start(self):
         self.status = 0
         self.reason = ""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # (lower-case name, value)
         self.chunks: list[bytes] = []
         self.size = 0
         self.length: int | None = None
@@ -67,7 +67,7 @@ class Response:
 
     def header_values(self, name: str) -> list[str]:
         wanted = name.lower().encode("ascii")
-        return [v.decode("latin-1").strip() for k, v in self.headers if k.lower() == wanted]
+        return [v.decode("latin-1").strip() for k, v in self.headers if k == wanted]
 
     @property
     def body(self) -> bytes:
@@ -75,7 +75,7 @@ class Response:
 
     def _framed(self) -> bool:
         """Whether the body's end is announced (length or chunked) rather than the connection's end."""
-        return any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
+        return any(k in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
 
     # -- httptools callbacks
     def on_message_begin(self):
@@ -87,13 +87,14 @@ class Response:
         self.reason = reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes):
+        name = name.lower()
         self.headers.append((name, value))
+        if name == b"content-length":
+            self.length = int(value) if value.strip().isdigit() else None
 
     def on_headers_complete(self):
         self.status = self._parser.get_status_code()
         self.headers_done = True
-        length = self.header("Content-Length")
-        self.length = int(length) if length is not None and length.isdigit() else None
 
     def on_body(self, data: bytes):
         self.size += len(data)
