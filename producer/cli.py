@@ -110,6 +110,7 @@ def download_options_from_args(args) -> dict:
     return dict(
         resize_mode=args.resize_mode, encode_format=args.encode_format, encode_quality=args.encode_quality,
         min_image_size=args.min_image_size, max_aspect_ratio=args.max_aspect_ratio,
+        resize_only_if_bigger=args.resize_only_if_bigger, skip_reencode=args.skip_reencode,
         download_timeout=args.download_timeout, download_retries=args.download_retries,
         download_threads=args.download_threads, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
@@ -249,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--encode-quality", type=int, default=d.encode_quality, help="jpg/webp quality, png compression (default %(default)s)")
     dl.add_argument("--min-image-size", type=int, default=d.min_image_size, help="drop images whose smaller side is under this (default %(default)s)")
     dl.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio, help="drop images longer than this ratio (default %(default)s)")
+    dl.add_argument("--resize-only-if-bigger", action="store_true",
+                    help="leave an image that already fits as it is: no enlarging, padding or cropping")
+    dl.add_argument("--skip-reencode", action="store_true",
+                    help="store the downloaded bytes of an image that is not resized and already in --encode-format "
+                         "(still decoded once, as a check)")
     dl.add_argument("--download-timeout", type=float, default=d.download_timeout, help="seconds of network time per image, all redirects and retries (default %(default)s)")
     dl.add_argument("--download-retries", type=int, default=d.download_retries, help="extra attempts for transient failures: 5xx, 429, resets (default %(default)s)")
     dl.add_argument("--download-threads", type=int, default=d.download_threads, help="fetching threads per download process (default %(default)s)")

@@ -39,6 +39,8 @@ class RunConfig:
     encode_quality: int = 95
     min_image_size: int = 0
     max_aspect_ratio: float = float("inf")
+    resize_only_if_bigger: bool = False
+    skip_reencode: bool = False
     allow_private_addresses: bool = False
     user_agent_token: str | None = None
     url_col: str = "url"

@@ -53,7 +53,8 @@ def resize_options(cfg: RunConfig) -> ResizeOptions:
     return ResizeOptions(image_size=cfg.image_size, resize_mode=cfg.resize_mode,
                          encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
                          min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio,
-                         max_image_pixels=cfg.max_image_pixels)
+                         max_image_pixels=cfg.max_image_pixels, resize_only_if_bigger=cfg.resize_only_if_bigger,
+                         skip_reencode=cfg.skip_reencode)
 
 
 def fetch_options(cfg: RunConfig) -> FetchOptions:

@@ -46,6 +46,8 @@ class ResizeOptions:
     min_image_size: int = 0
     max_aspect_ratio: float = float("inf")
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    resize_only_if_bigger: bool = False  # never enlarge (nor pad or crop) an image that already fits
+    skip_reencode: bool = False          # keep the downloaded bytes when not resized and already in the format
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
@@ -86,9 +88,22 @@ def check_size(width: int, height: int, opts: ResizeOptions) -> None:
         raise ImageRejected("aspect ratio too large")
 
 
+# The formats the bytes may already be in, per encode format, for skip_reencode.
+_SAME_FORMAT = {"jpg": ("JPEG",), "png": ("PNG",), "webp": ("WEBP",)}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def needs_resize(width: int, height: int, opts: ResizeOptions) -> bool:
+    """img2dataset's rule: always, unless resize_only_if_bigger and the side that is fitted is small enough."""
+    if opts.resize_mode == "no":
+        return False
+    fitted = min(width, height) if opts.resize_mode in ("keep_ratio", "center_crop") else max(width, height)
+    return not opts.resize_only_if_bigger or fitted > opts.image_size
+
+
 def target_size(width: int, height: int, opts: ResizeOptions) -> tuple[int, int]:
     """(width, height) after scaling, before any crop or border; img2dataset's rules."""
-    if opts.resize_mode == "no":
+    if not needs_resize(width, height, opts):
         return width, height
     if opts.resize_mode in ("keep_ratio", "center_crop"):
         scale = opts.image_size / min(width, height)
@@ -179,6 +194,11 @@ def resize_image(data: bytes, opts: ResizeOptions) -> ResizedImage:
     header = sniff(data)
     width, height = header.size
     check_size(width, height, opts)
+    if not needs_resize(width, height, opts):
+        img = decode_bgr(data, header.format, width, height, (width, height))  # decoded all the same: a check
+        keep = (opts.skip_reencode and header.format in _SAME_FORMAT[opts.encode_format]
+                and header.mode not in _ALPHA_MODES and "transparency" not in header.info)
+        return ResizedImage(data if keep else encode(img, opts), width, height, width, height)
     target = target_size(width, height, opts)
     img = decode_bgr(data, header.format, width, height, target)
     img = crop_or_pad(scale_to(img, target), opts)

@@ -94,3 +94,48 @@ def test_bad_options_are_refused():
         ResizeOptions(resize_mode="stretch")
     with pytest.raises(ValueError, match="encode_format"):
         ResizeOptions(encode_format="gif")
+
+
+@pytest.mark.parametrize("mode, source, expected", [
+    ("border", (100, 50), (100, 50)),         # fits: no enlarging and no border
+    ("border", (800, 400), (256, 256)),       # too big: resized and padded as usual
+    ("keep_ratio", (300, 200), (300, 200)),   # the smaller side already fits
+    ("keep_ratio", (800, 400), (512, 256)),
+    ("center_crop", (250, 900), (250, 900)),  # img2dataset does not crop one that fits either
+    ("keep_ratio_largest", (256, 100), (256, 100)),
+])
+def test_resize_only_if_bigger_leaves_an_image_that_fits_as_it_is(mode, source, expected):
+    out = resize_image(encoded(*source), ResizeOptions(resize_mode=mode, resize_only_if_bigger=True))
+    assert (out.width, out.height) == expected
+    assert decoded(out.data).shape[:2] == (expected[1], expected[0])
+
+
+def test_skip_reencode_keeps_the_bytes_only_when_not_resized_and_already_in_the_format():
+    small_jpeg = encoded(200, 100)
+    opts = ResizeOptions(resize_only_if_bigger=True, skip_reencode=True)
+    assert resize_image(small_jpeg, opts).data == small_jpeg
+    assert resize_image(small_jpeg, ResizeOptions(resize_mode="no", skip_reencode=True)).data == small_jpeg
+    assert resize_image(small_jpeg, ResizeOptions(resize_only_if_bigger=True)).data != small_jpeg  # no skip asked
+    big_jpeg = encoded(800, 400)
+    assert resize_image(big_jpeg, opts).width == 256  # resized, so encoded anew
+    small_png = encoded(200, 100, "PNG")
+    assert resize_image(small_png, opts).data.startswith(b"\xff\xd8")  # another format: encoded as jpg
+    png_opts = ResizeOptions(resize_only_if_bigger=True, skip_reencode=True, encode_format="png", encode_quality=3)
+    assert resize_image(small_png, png_opts).data == small_png
+    transparent = encoded(200, 100, "PNG", "RGBA", (0, 0, 0, 0))
+    flattened = resize_image(transparent, png_opts).data
+    assert flattened != transparent and decoded(flattened).shape == (100, 200, 3)  # composited on white
+    with pytest.raises(ImageRejected, match="decode"):
+        resize_image(small_jpeg[:200], opts)  # kept bytes are still checked by a decode
+
+
+def test_resize_only_if_bigger_and_skip_reencode_agree_with_img2dataset():
+    from img2dataset.resizer import Resizer
+    for mode in ("border", "keep_ratio", "center_crop"):
+        theirs = Resizer(image_size=256, resize_mode=mode, resize_only_if_bigger=True, skip_reencode=True)
+        ours = ResizeOptions(resize_mode=mode, resize_only_if_bigger=True, skip_reencode=True)
+        for source in [encoded(200, 100), encoded(300, 200), encoded(800, 400), encoded(200, 100, "PNG")]:
+            data, width, height, *_, error = theirs(io.BytesIO(source))
+            out = resize_image(source, ours)
+            assert error is None and (out.width, out.height) == (width, height), (mode, width, height)
+            assert (out.data == source) == (data == source), (mode, width, height)

@@ -85,3 +85,17 @@ def test_cli_names_the_missing_column_before_registering_the_run(tmp_path):
     assert proc.returncode == 2
     assert "no column 'url'" in proc.stderr and "--url-col" in proc.stderr
     assert not (tmp_path / "store" / "run.json").exists()  # the corrected command is not "a different run"
+
+
+def test_img2dataset_resize_flags_reach_the_stage(tmp_path):
+    from producer.cli import build_parser, run_config_from_args
+    from workers.download import resize_options
+    urls = tmp_path / "u.parquet"
+    pq.write_table(pa.table({"url": ["http://a.test/1.jpg"], "caption": ["one"]}), urls)
+    args = build_parser().parse_args(["run", "--urls", str(urls), "--store", str(tmp_path / "s"),
+                                      "--resize-mode", "keep_ratio", "--resize-only-if-bigger", "--skip-reencode"])
+    opts = resize_options(run_config_from_args(args, str(tmp_path / "s")))
+    assert (opts.resize_mode, opts.resize_only_if_bigger, opts.skip_reencode) == ("keep_ratio", True, True)
+    defaults = resize_options(run_config_from_args(build_parser().parse_args(
+        ["run", "--urls", str(urls), "--store", str(tmp_path / "s")]), str(tmp_path / "s")))
+    assert (defaults.resize_only_if_bigger, defaults.skip_reencode) == (False, False)
