@@ -15,6 +15,10 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# The fleet runs a process per core and decodes small images: OpenCV's own worker threads
+# would only add synchronisation between them (img2dataset sets the same).
+cv2.setNumThreads(1)
+
 # We enforce our own pixel limit (max_image_pixels) on the header, so Pillow's global
 # warning is noise; its hard error (at twice its limit) is caught and reported as ours.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
