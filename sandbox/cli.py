@@ -15,19 +15,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = sandbox.add_subparsers(dest="sandbox_command", required=True)
 
     make = actions.add_parser("make", help="write images, WAT files and ground truth to DIR")
-    make.add_argument("dir")
+    make.add_argument("dir", help="folder to write the world into (web/, wat/, ground_truth/)")
     make.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                       help=f"number of images (default {DEFAULT_SAMPLES})")
     make.add_argument("--port", type=int, default=DEFAULT_PORT,
                       help=f"port baked into every URL (default {DEFAULT_PORT})")
-    make.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    make.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                      help=f"random seed: the same seed makes the same world (default {DEFAULT_SEED})")
     make.add_argument("--wat-files", type=int, default=DEFAULT_WAT_FILES,
                       help=f"number of WAT files (default {DEFAULT_WAT_FILES})")
     make.set_defaults(func=_make)
 
     serve = actions.add_parser("serve", help="serve DIR over HTTP on 127.0.0.1 until Ctrl-C")
-    serve.add_argument("dir")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("dir", help="a folder written by `clipfleet sandbox make`")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default %(default)s; the URLs in the world name 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None,
                        help="default: the port DIR was made with (its URLs use it)")
     serve.add_argument("--log-requests", action="store_true", help="log every request")
@@ -43,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="'shapes', an open_clip 'ARCH/pretrained' name, or a local path")
     evaluate.add_argument("--per-class", type=int, default=10,
                           help="images per colour x shape class (default 10)")
-    evaluate.add_argument("--seed", type=int, default=12345)
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--seed", type=int, default=12345,
+                          help="seed of the fresh sample, different from the training world's (default %(default)s)")
+    evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
     evaluate.set_defaults(func=_evaluate)
 
 

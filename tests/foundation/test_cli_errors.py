@@ -81,3 +81,17 @@ def test_bad_flag_value_is_an_argparse_error():
 def test_status_of_empty_store(tmp_path):
     result = clipfleet("status", "--store", str(tmp_path))
     assert result.returncode == 2 and "holds no run" in result.stdout + result.stderr
+
+
+def test_every_flag_and_argument_has_help():
+    import argparse
+    from producer.cli import build_parser
+
+    def missing(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from missing(sub, path + [name])
+            elif not action.help and action.dest != "help":
+                yield " ".join(path + [action.option_strings[0] if action.option_strings else action.dest])
+    assert list(missing(build_parser(), ["clipfleet"])) == []
