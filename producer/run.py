@@ -6,8 +6,8 @@ enqueueing, and the stage itself skips a marked shard if a duplicate task arrive
 from __future__ import annotations
 
 import logging
-import sys
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -125,8 +125,7 @@ def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, 
     bars = {s: tqdm(desc=f"{s:>8}", unit="shard", position=i, leave=True, disable=not show_progress)
             for i, s in enumerate(stages)}
     every = 0.0 if sys.stderr.isatty() else LOG_PROGRESS_S
-    shown: dict[str, tuple] = {}
-    last_shown = {s: float("-inf") for s in stages}
+    shown: dict[str, tuple[tuple, float]] = {}  # stage -> (counts drawn, when)
     next_cache: dict = {}
     try:
         while True:
@@ -136,10 +135,11 @@ def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, 
                 bar.total = len(p.expected)
                 bar.n = len(p.done)
                 counts = (bar.total, bar.n, len(p.failed))
-                if counts != shown.get(p.stage) and (time.monotonic() - last_shown[p.stage] >= every or p.finished):
+                drawn, when = shown.get(p.stage, (None, float("-inf")))
+                if counts != drawn and (time.monotonic() - when >= every or p.finished):
                     bar.set_postfix(failed=len(p.failed), refresh=False)
                     bar.refresh()
-                    shown[p.stage], last_shown[p.stage] = counts, time.monotonic()
+                    shown[p.stage] = (counts, time.monotonic())
             if all(p.finished for p in state):
                 return state
             if fleet is not None and fleet.dead():
