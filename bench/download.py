@@ -135,13 +135,13 @@ def successes(folder: Path) -> int:
 
 
 def run_clipfleet(url_list: Path, store_dir: Path, fleet) -> float:
-    from producer import run as runlib
-    from shared.runconfig import RunConfig
-    from shared.storage import Store
-    from workers.app import make_app
+    from clipfleet.producer import run as runlib
+    from clipfleet.shared.runconfig import RunConfig
+    from clipfleet.shared.storage import Store
+    from clipfleet.workers.app import make_app
     import redis
     store = Store(str(store_dir))
-    cfg = RunConfig(store=store.uri, inputs=[str(url_list)], input_kind="urls", until="download",
+    cfg = RunConfig.make(store=store.uri, inputs=[str(url_list)], input_kind="urls", until="download",
                     shard_size=SHARD_SIZE, allow_private_addresses=True, download_threads=THREADS,
                     domain_max_concurrency=4 * THREADS * PROCESSES, domain_max_rate=0.0)
     runlib.register(store, cfg)
@@ -157,11 +157,12 @@ def run_clipfleet(url_list: Path, store_dir: Path, fleet) -> float:
 
 
 def _resize_all(paths: list[str]) -> float:
-    from workers.resize import ResizeOptions, resize_image
+    from clipfleet.workers.download.options import DownloadOptions
+from clipfleet.workers.download.resize import resize_image
     import cv2
     cv2.setNumThreads(1)
     datas = [Path(p).read_bytes() for p in paths]
-    opts = ResizeOptions(image_size=256, resize_mode="border", encode_format="jpg", encode_quality=95)
+    opts = DownloadOptions(image_size=256, resize_mode="border", encode_format="jpg", encode_quality=95)
     started = time.perf_counter()
     for data in datas:
         resize_image(data, opts)
@@ -205,8 +206,8 @@ def main() -> dict:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from producer.fleet import free_port, start_fleet
-    from sandbox.web import make_sandbox
+    from clipfleet.producer.fleet import free_port, start_fleet
+    from clipfleet.sandbox.web import make_sandbox
 
     work = Path(tempfile.mkdtemp(prefix="clipfleet-bench-download-"))
     nginx = fleet = None

@@ -32,8 +32,8 @@ REPEATS = 3         # best of, against noise from other work on the machine
 def make_wats(directory: Path, samples: int = SAMPLES, wat_files: int = WAT_FILES, seed: int = 1) -> list[str]:
     """Sandbox WAT files without rendering the images (the bench reads only the WATs)."""
     import numpy as np
-    from sandbox import web
-    from sandbox.wat import write_wat
+    from clipfleet.sandbox import web
+    from clipfleet.sandbox.wat import write_wat
     specs = [web.image_spec(i, np.random.default_rng([seed, i])) for i in range(samples)]
     per_file = web._WorldPlanner(specs, web.DEFAULT_PORT, seed, wat_files).plan()
     paths = []
@@ -91,9 +91,9 @@ def cc2dataset_style(paths: list[str], absolute_and_uid: bool = True, loads=json
 
 def clipfleet_extract(paths: list[str], redis_client) -> tuple[int, int, Counter]:
     """(records, pairs, stats) through the extract stage, one segment per file."""
-    from shared.runconfig import RunConfig
-    from workers.extract import ExtractStage
-    cfg = RunConfig(store="bench", inputs=paths)  # a new created_at: a fresh dedup namespace
+    from clipfleet.shared.runconfig import RunConfig
+    from clipfleet.workers.extract.stage import ExtractStage
+    cfg = RunConfig.make(store="bench", inputs=paths)  # a new created_at: a fresh dedup namespace
     stage = ExtractStage(cfg, redis_client=redis_client)
     stats = Counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +115,7 @@ def best_time(fn, *args) -> tuple[float, tuple]:
 
 def main() -> dict:
     import redis
-    from producer.fleet import check_broker, find_redis_server, free_port, _wait_for
+    from clipfleet.producer.fleet import check_broker, find_redis_server, free_port, _wait_for
     with tempfile.TemporaryDirectory(prefix="clipfleet-bench-extract-") as tmp:
         started = time.time()
         paths = make_wats(Path(tmp))

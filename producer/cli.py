@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
 import sys
 import threading
 
-from producer.fleet import FleetError, check_broker, parse_queues, start_fleet, state_dir
-from producer.run import RunError
-from shared.pipeline import QUEUES, STAGES
-from shared.runconfig import RunConfig
-from shared.storage import StoreError
+from clipfleet.producer.fleet import FleetError, check_broker, parse_queues, start_fleet, state_dir
+from clipfleet.producer.run import RunError
+from clipfleet.shared.options import add_flags, from_args
+from clipfleet.shared.pipeline import QUEUES, STAGES, built_stages
+from clipfleet.shared.runconfig import SECTIONS, TITLES, RunConfig
+from clipfleet.shared.storage import StoreError
 
 log = logging.getLogger("clipfleet")
 
@@ -22,7 +22,7 @@ log = logging.getLogger("clipfleet")
 def cmd_up(args) -> int:
     queues = parse_queues(args.queues)
     if args.store:
-        from producer.run import check_store
+        from clipfleet.producer.run import check_store
         check_store(args.store)
     key = args.store or "up"
     logs = state_dir(key) / "logs"
@@ -51,7 +51,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from producer.fleet import worker_argv
+    from clipfleet.producer.fleet import worker_argv
     queues = parse_queues(args.queues)
     broker = args.broker or os.environ.get("CLIPFLEET_BROKER")
     if not broker:
@@ -63,72 +63,45 @@ def cmd_worker(args) -> int:
 
 
 # -- run / status ------------------------------------------------------------------------------
-def built_stages() -> set[str]:
-    from workers.app import TASK_MODULES, app
-    for module in TASK_MODULES:
-        importlib.import_module(module)
-    return {s for s in STAGES if f"clipfleet.{s}" in app.tasks}
-
-
 def run_config_from_args(args, store_uri: str) -> RunConfig:
     if args.wat:
-        from producer.sources import wat_inputs
+        from clipfleet.producer.sources import wat_inputs
         inputs, kind = wat_inputs(args.wat), "wat"
     elif args.crawl:
-        from producer.sources import crawl_inputs
+        from clipfleet.producer.sources import crawl_inputs
         inputs, kind = crawl_inputs(args.crawl, args.wat_count, seed=args.sample_seed), "wat"
     else:
         inputs, kind = list(args.urls), "urls"
-    return RunConfig(
-        store=store_uri, inputs=inputs, input_kind=kind, until=args.until, shard_size=args.shard_size,
-        image_size=args.image_size, allow_private_addresses=args.allow_private_addresses,
-        filter_model=args.filter_model, multilingual_filter_model=args.multilingual_filter_model,
-        embed_model=args.embed_model, min_similarity_en=args.min_similarity_en,
-        min_similarity_other=args.min_similarity_other, url_col=args.url_col,
-        caption_col=args.caption_col, user_agent_token=args.user_agent_token,
-        min_language_score=args.min_language_score, dedup_by=args.dedup_by,
-        drop_extensions=tuple(e.strip().lower() for e in args.drop_extensions.split(",") if e.strip()),
-        **download_options_from_args(args))
+    sections = {name: from_args(cls, args) for name, cls in SECTIONS.items()}
+    if sections["download"].blocklist:
+        sections["download"].blocklist = checked_blocklist(sections["download"].blocklist)
+    if kind == "urls":  # before run.json is written: a fixed command must not meet "a different run"
+        from clipfleet.producer.urls import input_columns
+        for uri in inputs:
+            input_columns(uri, sections["input"].url_col, sections["input"].caption_col)
+    return RunConfig(store=store_uri, inputs=inputs, input_kind=kind, until=args.until, **sections)
 
 
-def download_options_from_args(args) -> dict:
-    from workers.resize import ResizeOptions
-    ResizeOptions(args.image_size, args.resize_mode, args.encode_format, args.encode_quality)  # ValueError if bad
-    if args.urls:  # before run.json is written: a fixed command must not meet "a different run"
-        from producer.urls import input_columns
-        for uri in args.urls:
-            input_columns(uri, args.url_col, args.caption_col)
-    blocklist = args.blocklist
-    if blocklist:
-        from workers.blocklist import Blocklist
-        if "://" not in blocklist:
-            blocklist = os.path.abspath(blocklist)  # workers may run in another directory
-        try:
-            Blocklist.load(blocklist)  # a malformed or missing list fails here, not in every task
-        except OSError as exc:
-            raise ValueError(f"blocklist {blocklist} cannot be read: {exc}") from exc
-    return dict(
-        resize_mode=args.resize_mode, encode_format=args.encode_format, encode_quality=args.encode_quality,
-        min_image_size=args.min_image_size, max_aspect_ratio=args.max_aspect_ratio,
-        resize_only_if_bigger=args.resize_only_if_bigger, skip_reencode=args.skip_reencode,
-        download_timeout=args.download_timeout, download_retries=args.download_retries,
-        download_threads=args.download_threads, max_image_bytes=args.max_image_bytes,
-        max_image_pixels=args.max_image_pixels,
-        disallowed_header_directives=[d.strip().lower() for d in args.disallowed_header_directives.split(",") if d.strip()],
-        domain_max_concurrency=args.domain_max_concurrency, domain_max_rate=args.domain_max_rate,
-        blocklist=blocklist)
+def checked_blocklist(blocklist: str) -> str:
+    from clipfleet.workers.download.blocklist import Blocklist
+    if "://" not in blocklist:
+        blocklist = os.path.abspath(blocklist)  # workers may run in another directory
+    try:
+        Blocklist.load(blocklist)  # a malformed or missing list fails here, not in every task
+    except OSError as exc:
+        raise ValueError(f"blocklist {blocklist} cannot be read: {exc}") from exc
+    return blocklist
 
 
 def cmd_run(args) -> int:
-    from producer import run as runlib
+    from clipfleet.producer import run as runlib
     if args.detach and not args.broker:
         raise RunError("--detach needs --broker: an embedded broker stops when this command exits")
     if args.broker:
         check_broker(args.broker)
     store = runlib.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
-    built = built_stages()
-    stages = runlib.stages_of(cfg, built)
+    stages = runlib.stages_of(cfg, set(built_stages()))
     if not stages:
         raise RunError(f"this fleet has no {cfg.input_kind} entry stage yet")
     if stages[-1] != cfg.until:
@@ -151,7 +124,7 @@ def cmd_run(args) -> int:
             fleet = start_fleet([QUEUES[s] for s in stages], store_key=store.uri, flower=False,
                                 log_dir=logs)
             broker = fleet.broker
-        from workers.app import make_app
+        from clipfleet.workers.app import make_app
         import redis
         app, client = make_app(broker), redis.Redis.from_url(broker)
         if args.detach:
@@ -182,18 +155,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from producer.status import run_status
+    from clipfleet.producer.status import run_status
     return run_status(args.store, as_json=args.json)
 
 
 def cmd_demo(args) -> int:
-    from producer.demo import run_demo
+    from clipfleet.producer.demo import run_demo
     return run_demo(args.store, args.samples, args.keep_serving)
 
 
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    d = RunConfig(store="")
     p = argparse.ArgumentParser(prog="clipfleet", description=(
         "Turn Common Crawl into a curated, searchable image-text dataset with a Celery fleet."))
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -224,47 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--broker", help="Redis URL of a running fleet (default: start an embedded fleet for this run)")
     rn.add_argument("--detach", action="store_true", help="enqueue and exit (needs --broker); follow with `clipfleet status`")
     rn.add_argument("--until", choices=STAGES, default="index", help="stop after this stage (default: index)")
-    rn.add_argument("--filter-model", default=d.filter_model, help="CLIP model for English pairs (default %(default)s)")
-    rn.add_argument("--multilingual-filter-model", default=d.multilingual_filter_model, help="CLIP model for other/no-language pairs (default %(default)s)")
-    rn.add_argument("--embed-model", default=d.embed_model, help="model for the embeddings (default %(default)s)")
-    rn.add_argument("--min-similarity-en", type=float, default=d.min_similarity_en, help="keep English pairs at or above this cosine (default %(default)s)")
-    rn.add_argument("--min-similarity-other", type=float, default=d.min_similarity_other, help="keep other pairs at or above this cosine (default %(default)s)")
-    rn.add_argument("--image-size", type=int, default=d.image_size, help="resize images to this many pixels (default %(default)s)")
-    rn.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard (default %(default)s)")
-    rn.add_argument("--min-language-score", type=float, default=d.min_language_score,
-                    help="with --wat/--crawl: a caption whose language scores under this gets language \"\" (default %(default)s)")
-    rn.add_argument("--drop-extensions", default=",".join(d.drop_extensions),
-                    help="with --wat/--crawl: drop image URLs whose path ends in these, comma list (default %(default)s)")
-    rn.add_argument("--dedup-by", choices=["url", "uid"], default=d.dedup_by,
-                    help="with --wat/--crawl: keep each URL once (url), or each URL+caption once (uid) (default %(default)s)")
-    rn.add_argument("--url-col", default=d.url_col, help="with --urls: the URL column (default %(default)s)")
-    rn.add_argument("--caption-col", default=d.caption_col, help="with --urls: the caption column (default %(default)s)")
-    rn.add_argument("--user-agent-token", default=d.user_agent_token, help="added to the downloader's user agent so site owners can reach you")
-    rn.add_argument("--allow-private-addresses", action="store_true",
-                    help="let the downloader fetch loopback and private addresses (off by default; for local tests); "
-                         "link-local, multicast and reserved addresses stay refused")
-    dl = rn.add_argument_group("download (img2dataset's option names)")
-    dl.add_argument("--resize-mode", choices=["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"],
-                    default=d.resize_mode, help="default %(default)s")
-    dl.add_argument("--encode-format", choices=["jpg", "png", "webp"], default=d.encode_format, help="default %(default)s")
-    dl.add_argument("--encode-quality", type=int, default=d.encode_quality, help="jpg/webp quality, png compression (default %(default)s)")
-    dl.add_argument("--min-image-size", type=int, default=d.min_image_size, help="drop images whose smaller side is under this (default %(default)s)")
-    dl.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio, help="drop images longer than this ratio (default %(default)s)")
-    dl.add_argument("--resize-only-if-bigger", action="store_true",
-                    help="leave an image that already fits as it is: no enlarging, padding or cropping")
-    dl.add_argument("--skip-reencode", action="store_true",
-                    help="store the downloaded bytes of an image that is not resized and already in --encode-format "
-                         "(still decoded once, as a check)")
-    dl.add_argument("--download-timeout", type=float, default=d.download_timeout, help="seconds of network time per image, all redirects and retries (default %(default)s)")
-    dl.add_argument("--download-retries", type=int, default=d.download_retries, help="extra attempts for transient failures: 5xx, 429, resets (default %(default)s)")
-    dl.add_argument("--download-threads", type=int, default=d.download_threads, help="fetching threads per download process (default %(default)s)")
-    dl.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="per image as downloaded (default %(default)s)")
-    dl.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="checked on the header before decoding (default %(default)s)")
-    dl.add_argument("--disallowed-header-directives", default=",".join(d.disallowed_header_directives),
-                    help="X-Robots-Tag directives that mean an image is not used, comma list, empty for none (default %(default)s)")
-    dl.add_argument("--domain-max-concurrency", type=int, default=d.domain_max_concurrency, help="requests in flight per host across the fleet, 0 for no limit (default %(default)s)")
-    dl.add_argument("--domain-max-rate", type=float, default=d.domain_max_rate, help="requests per second per host across the fleet, 0 for no limit (default %(default)s)")
-    dl.add_argument("--blocklist", help="file or URI of URLs and md5/sha256 digests (one a line) never stored")
+    for name, cls in SECTIONS.items():
+        add_flags(rn, cls, TITLES[name])
     rn.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="what a run has done: shards per stage, counts, failures")
@@ -279,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
 
     try:
-        from sandbox.cli import register as register_sandbox
+        from clipfleet.sandbox.cli import register as register_sandbox
     except ImportError:
         pass
     else:

@@ -11,8 +11,8 @@ import socket
 import time
 from pathlib import Path
 
-from sandbox.server import SandboxServer, read_settings
-from sandbox.web import DEFAULT_PORT, make_sandbox
+from clipfleet.sandbox.server import SandboxServer, read_settings
+from clipfleet.sandbox.web import DEFAULT_PORT, make_sandbox
 
 
 def _port_free(port: int) -> bool:
@@ -38,13 +38,13 @@ def prepare_world(world: Path, samples: int) -> dict:
 
 
 def _free_port() -> int:
-    from producer.fleet import free_port
+    from clipfleet.producer.fleet import free_port
     return free_port()
 
 
 def run_demo(store: str, samples: int, keep_serving: bool) -> int:
-    from producer.cli import main as cli_main
-    from producer.status import run_status
+    from clipfleet.producer.cli import main as cli_main
+    from clipfleet.producer.status import run_status
 
     world = Path(f"{store.rstrip('/')}-sandbox")
     settings = prepare_world(world, samples)

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.pipeline import QUEUES
+from clipfleet.shared.pipeline import QUEUES
 
 log = logging.getLogger("clipfleet.fleet")
 
@@ -133,7 +133,7 @@ class Fleet:
         port = port or free_port()
         user = os.environ.get("CLIPFLEET_FLOWER_USER", "clipfleet")
         password = os.environ.get("CLIPFLEET_FLOWER_PASSWORD") or secrets.token_urlsafe(12)
-        argv = [sys.executable, "-m", "celery", "-A", "workers.app", "--broker", self.broker, "flower",
+        argv = [sys.executable, "-m", "celery", "-A", "clipfleet.workers.app", "--broker", self.broker, "flower",
                 f"--port={port}", "--address=127.0.0.1", f"--basic-auth={user}:{password}"]
         proc = self._spawn("flower", argv, {"CLIPFLEET_BROKER": self.broker})
         self.flower_url, self.flower_auth = f"http://127.0.0.1:{port}", (user, password)
@@ -141,7 +141,7 @@ class Fleet:
         return self.flower_url
 
     def wait_for_workers(self, count: int, timeout: float = 120) -> None:
-        from workers.app import make_app
+        from clipfleet.workers.app import make_app
         app = make_app(self.broker)
         _wait_for(lambda: len(app.control.ping(timeout=1.0) or []) >= count,
                   f"{count} workers", timeout)
@@ -176,12 +176,12 @@ def _http_ok(url: str) -> bool:
 
 
 def worker_argv(queues: list[str], broker: str, concurrency: int | None = None) -> list[str]:
-    from workers.app import time_limits
+    from clipfleet.workers.app import time_limits
     time_limits()  # refuse misordered limits here, with one line, not in a worker's traceback
     single = all(q in SINGLE_PROCESS_QUEUES for q in queues)
     concurrency = concurrency or (1 if single else os.cpu_count() or 1)
     node = f"{'+'.join(queues)}-{secrets.token_hex(3)}@{socket.gethostname()}"
-    return [sys.executable, "-m", "celery", "-A", "workers.app", "--broker", broker, "worker",
+    return [sys.executable, "-m", "celery", "-A", "clipfleet.workers.app", "--broker", broker, "worker",
             "-Q", ",".join(queues), "-n", node, "-P", "prefork", "-c", str(concurrency),
             "-E", "--without-gossip", "--loglevel", os.environ.get("CLIPFLEET_LOG_LEVEL", "INFO")]
 

@@ -11,9 +11,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from shared.pipeline import QUEUES, STAGES, task_name
-from shared.runconfig import RunConfig
-from shared.storage import Store, StoreError, shard_name
+from clipfleet.shared.pipeline import QUEUES, STAGES, task_name
+from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.storage import Store, StoreError, shard_name
 
 log = logging.getLogger("clipfleet.run")
 
@@ -48,7 +48,7 @@ def first_tasks(store: Store, cfg: RunConfig) -> list[FirstTask]:
     """The tasks that start the run: one extract per WAT, or one download per URL shard."""
     if cfg.input_kind == "wat":
         return [FirstTask("extract", i, {"wat": uri}) for i, uri in enumerate(cfg.inputs)]
-    from producer.urls import write_url_shards
+    from clipfleet.producer.urls import write_url_shards
     return [FirstTask("download", shard, {}) for shard in write_url_shards(store, cfg)]
 
 

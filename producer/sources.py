@@ -9,7 +9,7 @@ import re
 
 import fsspec
 
-from shared.storage import s3_options_from_env
+from clipfleet.shared.storage import s3_options_from_env
 
 CC_BASE = "https://data.commoncrawl.org"
 CRAWL_ID = re.compile(r"CC-MAIN-\d{4}-\d{2}")

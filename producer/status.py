@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from shared.pipeline import STAGES
-from shared.storage import Store
+from clipfleet.shared.pipeline import STAGES
+from clipfleet.shared.storage import Store
 
 
 def collect(store: Store) -> dict:

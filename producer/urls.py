@@ -14,14 +14,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.runconfig import RunConfig
-from shared.storage import Store, s3_options_from_env, shard_name
+from clipfleet.shared.layout import URL_SHARD_SCHEMA, url_shard
+from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.storage import Store, s3_options_from_env, shard_name
 
 PARTS_PER_INPUT = 1000  # the extract stage's PARTS_PER_SEGMENT: shard id = input * 1000 + part
-URL_SHARD_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("page_url", pa.string()),
-                              ("language", pa.string()), ("language_score", pa.float32()),
-                              ("uid", pa.string())])
-
 
 class UrlInputError(ValueError):
     """An input parquet cannot be used as a URL list."""
@@ -49,9 +46,9 @@ def input_columns(uri: str, url_col: str, caption_col: str) -> list[str]:
 
 def standard_table(batch: pa.Table, cfg: RunConfig, tagger=None) -> pa.Table:
     """The extract stage's columns: url, caption, page_url, language, language_score, uid."""
-    from workers.extract import pair_uid
-    urls = batch.column(cfg.url_col).cast(pa.string()).to_pylist()
-    captions = batch.column(cfg.caption_col).cast(pa.string()).to_pylist()
+    from clipfleet.shared.ids import pair_uid
+    urls = batch.column(cfg.input.url_col).cast(pa.string()).to_pylist()
+    captions = batch.column(cfg.input.caption_col).cast(pa.string()).to_pylist()
     n = len(urls)
     columns = batch.column_names
 
@@ -89,21 +86,21 @@ def iter_parts(uri: str, columns: list[str], size: int):
 
 def write_url_shards(store: Store, cfg: RunConfig) -> list[int]:
     """Write urls/NNNNN.parquet for every input; returns the shard ids in order."""
-    from workers.extract import LanguageTagger
-    tagger = LanguageTagger(cfg.min_language_score)
+    from clipfleet.shared.language import LanguageTagger
+    tagger = LanguageTagger(cfg.extract.min_language_score)
     existing = set(store.list("urls"))
     shards = []
     for index, uri in enumerate(cfg.inputs):
-        columns = input_columns(uri, cfg.url_col, cfg.caption_col)
-        for part, batch in enumerate(iter_parts(uri, columns, cfg.shard_size)):
+        columns = input_columns(uri, cfg.input.url_col, cfg.input.caption_col)
+        for part, batch in enumerate(iter_parts(uri, columns, cfg.input.shard_size)):
             if part >= PARTS_PER_INPUT:
-                raise UrlInputError(f"{uri} makes more than {PARTS_PER_INPUT} shards of {cfg.shard_size} rows; "
+                raise UrlInputError(f"{uri} makes more than {PARTS_PER_INPUT} shards of {cfg.input.shard_size} rows; "
                                     f"use a larger --shard-size or split the file")
             shard = index * PARTS_PER_INPUT + part
             name = f"{shard_name(shard)}.parquet"
             if name not in existing:
                 buf = io.BytesIO()
                 pq.write_table(standard_table(batch, cfg, tagger), buf, compression="zstd")
-                store.write_bytes(f"urls/{name}", buf.getvalue())
+                store.write_bytes(url_shard(shard), buf.getvalue())
             shards.append(shard)
     return shards

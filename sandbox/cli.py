@@ -9,7 +9,7 @@ import threading
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `sandbox {make,serve}` and `models {list,eval}`; each sets `func(args) -> int`."""
-    from sandbox.web import DEFAULT_PORT, DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_WAT_FILES
+    from clipfleet.sandbox.web import DEFAULT_PORT, DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_WAT_FILES
 
     sandbox = subparsers.add_parser("sandbox", help="the local synthetic web (offline test world)")
     actions = sandbox.add_subparsers(dest="sandbox_command", required=True)
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make(args) -> int:
-    from sandbox.web import make_sandbox
+    from clipfleet.sandbox.web import make_sandbox
 
     settings = make_sandbox(args.dir, samples=args.samples, port=args.port, seed=args.seed,
                             wat_files=args.wat_files)
@@ -63,7 +63,7 @@ def _make(args) -> int:
 
 
 def _serve(args) -> int:
-    from sandbox.server import SandboxServer, read_settings
+    from clipfleet.sandbox.server import SandboxServer, read_settings
 
     made_port = read_settings(args.dir)["port"]
     server = SandboxServer(args.dir, host=args.host, port=args.port, quiet=not args.log_requests)
@@ -82,7 +82,7 @@ def _serve(args) -> int:
 
 
 def _list_models(args) -> int:
-    from shared.models import shipped_models
+    from clipfleet.shared.models import shipped_models
 
     for name, info in shipped_models().items():
         print(f"{name}\t{info}")
@@ -92,7 +92,7 @@ def _list_models(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from sandbox.evaluate import evaluate_model, print_report
+    from clipfleet.sandbox.evaluate import evaluate_model, print_report
 
     print_report(evaluate_model(args.model, per_class=args.per_class, seed=args.seed,
                                 device=args.device))

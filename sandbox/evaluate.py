@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sandbox import images
-from sandbox.web import FORMAT_WEIGHTS, web_size
+from clipfleet.sandbox import images
+from clipfleet.sandbox.web import FORMAT_WEIGHTS, web_size
 
 CLASSES = [(color, shape) for color in images.COLORS for shape in images.SHAPES]
 
@@ -150,7 +150,7 @@ def evaluate_loaded(model, preprocess, tokenizer, heads=None, per_class: int = 1
 
 
 def evaluate_model(name: str, per_class: int = 10, seed: int = 12345, device: str = "cpu") -> dict:
-    from shared.models import ModelNotAvailable, load_clip, load_tag_heads
+    from clipfleet.shared.models import ModelNotAvailable, load_clip, load_tag_heads
 
     model, preprocess, tokenizer = load_clip(name, device=device)
     try:

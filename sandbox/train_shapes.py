@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sandbox import images
-from sandbox.evaluate import Drawn, draw_sample, embed_images, evaluate_loaded, roc_auc
+from clipfleet.sandbox import images
+from clipfleet.sandbox.evaluate import Drawn, draw_sample, embed_images, evaluate_loaded, roc_auc
 
 MODEL_CFG = {
     "embed_dim": 128,
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(out / "heads.npz", **head_weights)
 
     # Evaluate what was saved, loaded back the way users load it.
-    from shared.models import load_clip, load_tag_heads
+    from clipfleet.shared.models import load_clip, load_tag_heads
 
     loaded, loaded_preprocess, loaded_tokenizer = load_clip(str(out))
     evaluation = evaluate_loaded(loaded, loaded_preprocess, loaded_tokenizer,
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "README.md").write_text(README)
-    from sandbox.evaluate import print_report
+    from clipfleet.sandbox.evaluate import print_report
     print_report({"model": str(out), **evaluation})
     return 0
 

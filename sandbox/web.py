@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sandbox import images
-from sandbox.server import CORNER_BOMB_IMAGE, CORNER_CASES, CORNER_OK_IMAGE, CORNER_TRUNCATED_IMAGE
-from sandbox.wat import BAD_BYTES_MARK, MALFORMED_KINDS, Page, write_wat
+from clipfleet.sandbox import images
+from clipfleet.sandbox.server import CORNER_BOMB_IMAGE, CORNER_CASES, CORNER_OK_IMAGE, CORNER_TRUNCATED_IMAGE
+from clipfleet.sandbox.wat import BAD_BYTES_MARK, MALFORMED_KINDS, Page, write_wat
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8471

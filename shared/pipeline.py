@@ -1,19 +1,23 @@
-"""The stages, their queues, and the one place that runs a stage on a shard.
+"""The stage framework: the stages and their queues, the Stage base, and the one place that runs
+a stage on a shard.
 
-A stage is a small class with a `run(store, shard, out, **inputs)` method: it reads its
-inputs from the store, writes its output files into the local directory `out`, and returns
-a `StageOutput`. `execute` owns everything around that: skipping shards already marked
-done, timing, atomic commit, the completion marker, and which shards go next.
+A stage is a small class with `run(store, shard, out, stats, **inputs)`: it reads its inputs from
+the store (paths from `shared/layout.py`), writes its output files into the local directory
+`out`, counts what happened with `stats.add(reason, n)`, and returns a `StageOutput`. The
+framework owns everything around that: skipping shards already marked done, timing, the atomic
+commit, the completion marker, enqueueing the next stage, and stages that run once per run
+(`RunOnce`, triggered when their precondition holds).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.runconfig import RunConfig
-from shared.storage import Store
+from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.storage import Store
 
 log = logging.getLogger("clipfleet.pipeline")
 
@@ -27,6 +31,17 @@ QUEUES = {
     "index": "index-merge",
 }
 STAGES = tuple(QUEUES)
+
+# The stages that are built, and the module that registers each one's task(s). Nothing here is
+# imported until a worker serves the stage's queue, so a download worker never loads torch.
+TASK_MODULES = {
+    "extract": "clipfleet.workers.extract.task",
+    "download": "clipfleet.workers.download.task",
+}
+
+
+def built_stages() -> list[str]:
+    return [s for s in STAGES if s in TASK_MODULES]
 
 
 class TransientError(Exception):
@@ -42,20 +57,60 @@ def next_stage(stage: str) -> str | None:
     return STAGES[i + 1] if i + 1 < len(STAGES) else None
 
 
+class Stats:
+    """What a stage counts for one shard; the marker, `status` and `report` read it.
+
+    `add("below_threshold")` counts a reason; `add("private address", under="refused")` counts
+    it inside a group, which `status` shows nested. `put(name, value)` records a value
+    (a duration, samples/s) that is not summed as a count."""
+
+    def __init__(self):
+        self._data: dict = {}
+
+    def add(self, reason: str, n: int = 1, under: str | None = None) -> None:
+        target = self._data.setdefault(under, {}) if under else self._data
+        target[reason] = target.get(reason, 0) + n
+
+    def put(self, name: str, value) -> None:
+        self._data[name] = value
+
+    def update(self, counts: dict) -> None:
+        """Add a dict of counts (nested dicts become groups)."""
+        for key, value in counts.items():
+            if isinstance(value, dict):
+                for reason, n in value.items():
+                    self.add(reason, n, under=key)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.add(key, value)
+            else:
+                self.put(key, value)
+
+    def get(self, reason: str, default=0):
+        return self._data.get(reason, default)
+
+    def as_dict(self) -> dict:
+        return {k: dict(sorted(v.items())) if isinstance(v, dict) else v for k, v in sorted(self._data.items())}
+
+
 @dataclass
 class StageOutput:
-    files: dict[str, Path]                  # store-relative name -> local file to publish
-    stats: dict = field(default_factory=dict)  # counts that go into the marker
-    next_shards: list[int] | None = None    # shards for the next stage; None means "this shard"
+    files: dict[str, Path] = field(default_factory=dict)  # store-relative name -> local file to publish
+    next_shards: list[int] | None = None                 # shards for the next stage; None means "this shard"
 
 
 class Stage:
+    """One step of the pipeline. Subclasses set `name` and implement `run`."""
     name: str = ""
 
     def __init__(self, run: RunConfig):
         self.run_config = run
+        self.options = getattr(run, self.name, None)
 
-    def run(self, store: Store, shard: int, out: Path, **inputs) -> StageOutput:
+    @property
+    def queue(self) -> str:
+        return QUEUES[self.name]
+
+    def run(self, store: Store, shard: int, out: Path, stats: Stats, **inputs) -> StageOutput:
         raise NotImplementedError
 
 
@@ -66,13 +121,46 @@ def execute(stage: Stage, store: Store, shard: int, **inputs) -> dict:
         log.info("%s %s: already done, skipping", stage.name, shard)
         return {**done, "skipped": True}
     started = time.time()
+    stats = Stats()
     with store.staging() as out:
-        result = stage.run(store, shard, out, **inputs)
+        result = stage.run(store, shard, out, stats, **inputs)
         next_shards = [shard] if result.next_shards is None else list(result.next_shards)
+        duration = time.time() - started
         marker = store.commit(stage.name, shard, result.files, {
-            "stats": result.stats,
-            "duration_s": round(time.time() - started, 3),
+            "stats": stats.as_dict(),
+            "started_at": started,
+            "duration_s": round(duration, 3),
             "next_shards": next_shards,
         })
-    log.info("%s %s: done in %.1fs %s", stage.name, shard, marker["duration_s"], result.stats)
+    log.info("%s %s: done in %.1fs %s", stage.name, shard, marker["duration_s"], marker["stats"])
     return marker
+
+
+# -- inside a worker ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _stage_instance(stage_cls: type[Stage], store_uri: str, created_at: float) -> Stage:
+    # One instance per process and run (a store reused for a new run has a new created_at), so
+    # models and clients load once, in the worker process.
+    return stage_cls(RunConfig.load(Store(store_uri)))
+
+
+def run_stage(stage_cls: type[Stage], store_uri: str, shard: int, **inputs) -> dict:
+    """What every stage task does: run the stage once, then enqueue the next stage."""
+    store = Store(store_uri)
+    created_at = store.read_json("run.json")["created_at"]  # one small read per task: which run
+    stage = _stage_instance(stage_cls, store_uri, created_at)
+    marker = execute(stage, store, shard, **inputs)
+    enqueue_next(stage, store_uri, marker["next_shards"])
+    return {"shard": shard, "stats": marker["stats"], "skipped": marker.get("skipped", False)}
+
+
+def enqueue_next(stage: Stage, store_uri: str, shards: list[int]) -> None:
+    from clipfleet.workers.app import app
+    nxt = next_stage(stage.name)
+    if nxt is None or stage.run_config.until == stage.name:
+        return
+    if nxt not in TASK_MODULES:  # later stages are not built yet
+        log.info("no %s stage in this fleet yet; %d shards stop after %s", nxt, len(shards), stage.name)
+        return
+    for shard in shards:
+        app.send_task(task_name(nxt), args=(store_uri, shard))

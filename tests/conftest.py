@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from producer.fleet import check_broker, find_redis_server, free_port, _wait_for
+from clipfleet.producer.fleet import check_broker, find_redis_server, free_port, _wait_for
 
 # img2dataset imports albumentations, which would otherwise ask the network for updates.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -6,22 +6,21 @@ can shrink them, but their order is checked at import: soft < hard < visibility 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu import Queue
 
-from shared.pipeline import QUEUES, Stage, TransientError, execute, next_stage, task_name
-from shared.runconfig import load_cached
-from shared.storage import Store
+from clipfleet.shared.pipeline import QUEUES, TASK_MODULES, TransientError
+from clipfleet.shared.storage import Store
 
 log = logging.getLogger("clipfleet.workers")
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
-# Task modules, one per queue; each registers its tasks on import.
-TASK_MODULES = ["workers.selfcheck", "workers.extract", "workers.download"]
+SELFCHECK_MODULE = "clipfleet.workers.selfcheck"  # a no-op hop per queue, every worker serves it
 
 
 def time_limits() -> tuple[int, int, int]:
@@ -47,8 +46,9 @@ def route(name, args, kwargs, options, task=None, **kw):
 
 def make_app(broker: str | None = None) -> Celery:
     soft, hard, visibility = time_limits()
-    app = Celery("clipfleet", broker=broker or os.environ.get("CLIPFLEET_BROKER", DEFAULT_BROKER),
-                 include=[m for m in TASK_MODULES])
+    # No `include`: a worker imports the task modules of the queues it serves (below), so a
+    # download worker never loads torch and the producer imports no stage at all.
+    app = Celery("clipfleet", broker=broker or os.environ.get("CLIPFLEET_BROKER", DEFAULT_BROKER))
     app.conf.update(
         # Exactly the six queues, declared up front; a typo'd queue is an error, not a new queue.
         task_queues=[Queue(q, routing_key=q) for q in QUEUES.values()],
@@ -113,29 +113,21 @@ class ShardTask(Task):
             log.exception("could not write dead letter for %s %s", stage, shard)
 
 
-@functools.lru_cache(maxsize=16)
-def _stage_instance(stage_cls: type[Stage], store_uri: str) -> Stage:
-    # One instance per process and run, so models and clients load once, in the worker.
-    return stage_cls(load_cached(store_uri))
+def task_modules(queues) -> list[str]:
+    """The modules a worker serving `queues` imports (all of them when it serves every queue)."""
+    wanted = set(QUEUES.values()) if not queues else set(queues)
+    return [SELFCHECK_MODULE] + [TASK_MODULES[s] for s, q in QUEUES.items() if q in wanted and s in TASK_MODULES]
 
 
-def run_stage(stage_cls: type[Stage], store_uri: str, shard: int, **inputs) -> dict:
-    """What every stage task does: run the stage once, then enqueue the next stage."""
-    stage = _stage_instance(stage_cls, store_uri)
-    marker = execute(stage, Store(store_uri), shard, **inputs)
-    enqueue_next(stage.name, store_uri, marker["next_shards"])
-    return {"shard": shard, "stats": marker["stats"], "skipped": marker.get("skipped", False)}
-
-
-def enqueue_next(stage: str, store_uri: str, shards: list[int]) -> None:
-    nxt = next_stage(stage)
-    if nxt is None or load_cached(store_uri).until == stage:
-        return
-    if task_name(nxt) not in app.tasks:  # later stages are not built yet
-        log.info("no %s stage in this fleet yet; %d shards stop after %s", nxt, len(shards), stage)
-        return
-    for shard in shards:
-        app.send_task(task_name(nxt), args=(store_uri, shard))
+@signals.celeryd_init.connect
+def _import_served_stages(sender=None, conf=None, options=None, **kw):
+    # Runs in the worker before it loads task modules: include only the served queues' stages.
+    queues = (options or {}).get("queues") or []
+    if isinstance(queues, str):
+        queues = queues.split(",")
+    # (Importing here rather than setting conf.include: the loader has read include already.)
+    for module in task_modules([q.strip() for q in queues if q.strip()]):
+        importlib.import_module(module)
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import time
 
-from workers.app import ShardTask, app
-from shared.pipeline import QUEUES
-from shared.storage import Store
+from clipfleet.workers.app import ShardTask, app
+from clipfleet.shared.pipeline import QUEUES
+from clipfleet.shared.storage import Store
 
 HOPS = list(QUEUES.values())
 

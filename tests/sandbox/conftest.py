@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from sandbox.server import SandboxServer
-from sandbox.web import make_sandbox
+from clipfleet.sandbox.server import SandboxServer
+from clipfleet.sandbox.web import make_sandbox
 
 WORLD_SAMPLES = 200
 WORLD_SEED = 7

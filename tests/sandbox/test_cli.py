@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from producer.cli import main
+from clipfleet.producer.cli import main
 
 from .conftest import _free_port
 
@@ -29,7 +29,7 @@ def test_make_writes_a_world_with_the_given_port(tmp_path, capsys):
 def test_serve_uses_the_port_the_world_was_made_for(tmp_path):
     port = _free_port()
     assert main(["sandbox", "make", str(tmp_path / "w"), "--samples", "3", "--port", str(port)]) == 0
-    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "sandbox", "serve",
+    process = subprocess.Popen([sys.executable, "-m", "clipfleet.producer.cli", "sandbox", "serve",
                                 str(tmp_path / "w")], stdout=subprocess.PIPE, text=True,
                                cwd=os.getcwd())
     try:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from producer.cli import main
-from shared.models import (SHAPES_DIR, ModelNotAvailable, load_clip, load_tag_heads,
+from clipfleet.producer.cli import main
+from clipfleet.shared.models import (SHAPES_DIR, ModelNotAvailable, load_clip, load_tag_heads,
                            score_tags, shipped_models)
-from sandbox.evaluate import evaluate_model
+from clipfleet.sandbox.evaluate import evaluate_model
 
 # A fresh sample: its seed is not one training or the shipped metrics used.
 FRESH_SEED = 4242

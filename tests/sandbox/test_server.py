@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sandbox.server import CORNER_CASES, DRIP_BYTES, DRIP_INTERVAL_S, HUGE_BODY_BYTES, SandboxServer
+from clipfleet.sandbox.server import CORNER_CASES, DRIP_BYTES, DRIP_INTERVAL_S, HUGE_BODY_BYTES, SandboxServer
 
 from .test_world import rows
 

@@ -16,8 +16,8 @@ from fastwarc.warc import WarcRecordType
 from PIL import Image
 from warcio.archiveiterator import ArchiveIterator as WarcioArchiveIterator
 
-from sandbox import images
-from sandbox.web import make_sandbox
+from clipfleet.sandbox import images
+from clipfleet.sandbox.web import make_sandbox
 
 from .conftest import WORLD_SAMPLES
 
@@ -290,7 +290,7 @@ def test_captions_are_recognised_by_fasttext():
 
 
 def test_corner_ground_truth_lists_every_case(world):
-    from sandbox.server import CORNER_CASES
+    from clipfleet.sandbox.server import CORNER_CASES
 
     table = rows(world, "corner")
     assert pq.read_schema(world / "ground_truth" / "corner.parquet").names == CORNER_COLUMNS

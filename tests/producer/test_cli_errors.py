@@ -1,0 +1,97 @@
+"""Bad input gets one clear line on stderr and a non-zero exit, within seconds."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipfleet.producer.fleet import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def clipfleet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # The timeout bounds a hang; it is not a speed assertion.
+    return subprocess.run([sys.executable, "-m", "clipfleet.producer.cli", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=60, env=env)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    errors = [l for l in result.stderr.splitlines() if l.startswith("clipfleet: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("command", [["worker", "--broker", "redis://127.0.0.1:1/0"], ["up"]])
+def test_unknown_queue(command):
+    line = one_error_line(clipfleet(*command, "--queues", "cpu-extract,gpu-clipp"))
+    assert "unknown queue gpu-clipp" in line and "cpu-download" in line
+
+
+def test_unreachable_broker_for_worker():
+    port = free_port()  # nothing listens there
+    line = one_error_line(clipfleet("worker", "--queues", "cpu-extract", "--broker", f"redis://127.0.0.1:{port}/0"))
+    assert f"127.0.0.1:{port}" in line and "unreachable" in line
+
+
+def test_unreachable_broker_for_run(tmp_path):
+    port = free_port()
+    (tmp_path / "a.warc.wat.gz").write_bytes(b"")
+    line = one_error_line(clipfleet("run", "--wat", str(tmp_path / "a.warc.wat.gz"), "--store", str(tmp_path / "s"),
+                                    "--broker", f"redis://127.0.0.1:{port}/0", "--until", "extract"))
+    assert "unreachable" in line
+
+
+def test_unwritable_store_for_run(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "a.warc.wat.gz").write_bytes(b"")
+    line = one_error_line(clipfleet("run", "--wat", str(tmp_path / "a.warc.wat.gz"),
+                                    "--store", str(tmp_path / "file" / "store"), "--until", "extract"))
+    assert "not writable" in line
+
+
+def test_unwritable_store_for_up(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    line = one_error_line(clipfleet("up", "--store", str(tmp_path / "file" / "store")))
+    assert "not writable" in line
+
+
+def test_detach_without_broker_is_refused(tmp_path):
+    (tmp_path / "a.warc.wat.gz").write_bytes(b"")
+    line = one_error_line(clipfleet("run", "--wat", str(tmp_path / "a.warc.wat.gz"), "--store", str(tmp_path / "s"), "--detach"))
+    assert "--detach needs --broker" in line
+
+
+def test_misordered_time_limits_are_refused_by_worker(redis_url):
+    import os
+    env = {**os.environ, "CLIPFLEET_SOFT_TIME_LIMIT": "100", "CLIPFLEET_HARD_TIME_LIMIT": "50"}
+    line = one_error_line(clipfleet("worker", "--queues", "cpu-extract", "--broker", redis_url, env=env))
+    assert "soft < hard < visibility" in line
+
+
+def test_bad_flag_value_is_an_argparse_error():
+    result = clipfleet("run", "--wat", "x", "--store", "/tmp/x", "--until", "nowhere")
+    assert result.returncode == 2 and "invalid choice: 'nowhere'" in result.stderr
+
+
+def test_status_of_empty_store(tmp_path):
+    result = clipfleet("status", "--store", str(tmp_path))
+    assert result.returncode == 2 and "holds no run" in result.stdout + result.stderr
+
+
+def test_every_flag_and_argument_has_help():
+    import argparse
+    from clipfleet.producer.cli import build_parser
+
+    def missing(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from missing(sub, path + [name])
+            elif not action.help and action.dest != "help":
+                yield " ".join(path + [action.option_strings[0] if action.option_strings else action.dest])
+    assert list(missing(build_parser(), ["clipfleet"])) == []

@@ -1,0 +1,60 @@
+"""download_shard's own threading: every sample once, in order; a Redis outage stops the shard."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from clipfleet.shared.pipeline import TransientError
+from clipfleet.workers.download.blocklist import Blocklist
+from clipfleet.workers.download.stage import FetchPool, download_shard
+from clipfleet.workers.download.fetch import FetchFailed
+from clipfleet.workers.download.options import DownloadOptions
+
+
+class FakeFetcher:
+    """Fails every URL quickly (no image to resize); raises RedisError for one URL if asked."""
+    limiter = None
+
+    def __init__(self, redis_down_on: str | None = None):
+        self.redis_down_on = redis_down_on
+        self.fetched: list[str] = []
+        self.lock = threading.Lock()
+
+    def fetch(self, url: str) -> bytes:
+        with self.lock:
+            self.fetched.append(url)
+        if url == self.redis_down_on:
+            raise RedisConnectionError("redis went away")
+        time.sleep(0.001)
+        raise FetchFailed(f"no image at {url}")
+
+
+def test_every_sample_is_fetched_once_and_written_in_order(tmp_path):
+    urls = [f"http://example.com/{i}.jpg" for i in range(300)]
+    pool = FetchPool(7)
+    for shard in range(3):  # the same threads serve shard after shard
+        fetcher = FakeFetcher()
+        output = download_shard(pa.table({"url": urls}), shard, tmp_path, fetcher, DownloadOptions(),
+                                Blocklist.load(None), pool, shard_size=300)
+        assert sorted(fetcher.fetched) == sorted(urls)
+        assert output.stats["count"] == 300 and output.stats["failed_to_download"] == 300
+    assert sum(t.name.startswith("download-") for t in threading.enumerate()) >= 7
+
+
+@pytest.mark.timeout(30)
+def test_redis_outage_fails_the_shard_and_frees_its_threads(tmp_path):
+    urls = [f"http://example.com/{i}.jpg" for i in range(2000)]
+    pool = FetchPool(8)
+    fetcher = FakeFetcher(redis_down_on=urls[5])
+    with pytest.raises(TransientError):
+        download_shard(pa.table({"url": urls}), 0, tmp_path, fetcher, DownloadOptions(),
+                       Blocklist.load(None), pool, shard_size=2000)
+    deadline = time.monotonic() + 5
+    while pool.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.busy == 0  # no thread left fetching or waiting for room
+    assert len(fetcher.fetched) < len(urls)  # the rest of the shard was not fetched

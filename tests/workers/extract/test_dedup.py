@@ -1,0 +1,116 @@
+"""Fleet-wide dedup through a real Redis: first claim wins, and a segment run again keeps its own."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import redis
+
+from clipfleet.shared.runconfig import RunConfig
+from clipfleet.workers.extract.stage import ExtractStage, RunDedup, bucket_bits, dedup_namespace, url_digest
+from tests.workers.extract.watfile import img, response_record, write_wat
+
+
+def digests(*urls: str) -> list[bytes]:
+    return [url_digest(u) for u in urls]
+
+
+def test_first_claim_wins_and_owner_keeps_its_claims(redis_url):
+    dedup = RunDedup(redis.Redis.from_url(redis_url), "cf:dedup:test", bits=8)
+    assert dedup.claim(digests("a", "b"), owner=0) == [True, True]
+    assert dedup.claim(digests("b", "c"), owner=1) == [False, True]
+    # segment 0 again (a redelivered task): it still holds a and b, c stays with segment 1
+    assert dedup.claim(digests("a", "b", "c"), owner=0) == [True, True, False]
+    assert dedup.claim([], owner=2) == []
+
+
+def test_namespaces_keep_runs_apart(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    one = RunDedup(client, dedup_namespace(RunConfig.make(store="/a", created_at=1.0)), bits=8)
+    two = RunDedup(client, dedup_namespace(RunConfig.make(store="/a", created_at=2.0)), bits=8)
+    assert one.claim(digests("x"), owner=0) == [True]
+    assert two.claim(digests("x"), owner=5) == [True]
+
+
+def test_bucket_count_grows_with_the_run():
+    assert bucket_bits(1) < bucket_bits(1000) < bucket_bits(100_000) <= 32
+    assert bucket_bits(0) >= 8
+
+
+def _segment_files(tmp_path: Path) -> list[str]:
+    """Three WATs: 0 and 1 share ten image URLs (with other alts), 2 repeats a URL of 1 twice."""
+    shared = [img(f"http://example.org/shared/{i}.jpg", f"shared picture {i}") for i in range(10)]
+    own = lambda s: [img(f"http://example.org/{s}/{i}.jpg", f"own picture {s} {i}") for i in range(30)]
+    files = []
+    for seg, links in enumerate([shared + own(0), own(1) + [dict(l, alt="another alt") for l in shared],
+                                 own(2) + [img("http://example.org/1/3.jpg", "late copy")] * 2]):
+        path = tmp_path / f"seg{seg}.wat.gz"
+        write_wat(path, [response_record(f"http://example.org/page{seg}.html", links)])
+        files.append(str(path))
+    return files
+
+
+def _run(stage: ExtractStage, segment: int, wat: str, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    result = stage.run(None, segment, out, wat=wat)
+    rows = [r for f in result.files.values() for r in pq.read_table(f).to_pylist()]
+    return result, rows
+
+
+def test_segments_in_order_and_a_redelivered_segment(redis_url, tmp_path):
+    wats = _segment_files(tmp_path)
+    cfg = RunConfig.make(store=str(tmp_path / "store"), inputs=wats, shard_size=25)
+    stage = ExtractStage(cfg, redis_client=redis.Redis.from_url(redis_url))
+    first, rows0 = _run(stage, 0, wats[0], tmp_path / "o0")
+    assert first.next_shards == [0, 1] and len(rows0) == 40  # 25 + 15 rows, ids 0 and 1
+    second, rows1 = _run(stage, 1, wats[1], tmp_path / "o1")
+    assert len(rows1) == 30 and second.stats["drop_duplicate_in_run"] == 10
+    assert second.next_shards == [1000, 1001]
+    third, rows2 = _run(stage, 2, wats[2], tmp_path / "o2")
+    assert len(rows2) == 30
+    assert third.stats["drop_duplicate_in_run"] == 1 and third.stats["drop_duplicate_in_segment"] == 1
+    # segment 1 delivered again after its claims were made: the same rows, nothing lost
+    again, rows1_again = _run(stage, 1, wats[1], tmp_path / "o1-again")
+    assert rows1_again == rows1 and again.next_shards == second.next_shards
+    urls = [r["url"] for r in rows0 + rows1 + rows2]
+    assert len(urls) == len(set(urls)) == 100
+    assert {r["caption"] for r in rows0 if "/shared/" in r["url"]} == {f"shared picture {i}" for i in range(10)}
+
+
+def test_concurrent_segments_keep_each_url_once(redis_url, tmp_path):
+    wats = _segment_files(tmp_path)
+    cfg = RunConfig.make(store=str(tmp_path / "store"), inputs=wats)
+    results = {}
+
+    def work(segment):
+        stage = ExtractStage(cfg, redis_client=redis.Redis.from_url(redis_url))
+        results[segment] = _run(stage, segment, wats[segment], tmp_path / f"c{segment}")[1]
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    urls = Counter(r["url"] for rows in results.values() for r in rows)
+    assert len(urls) == 100 and set(urls.values()) == {1}
+
+
+def test_dedup_by_uid_keeps_a_url_with_another_caption(redis_url, tmp_path):
+    wats = _segment_files(tmp_path)
+    cfg = RunConfig.make(store=str(tmp_path / "store"), inputs=wats, dedup_by="uid")
+    stage = ExtractStage(cfg, redis_client=redis.Redis.from_url(redis_url))
+    rows = [r for s in range(3) for r in _run(stage, s, wats[s], tmp_path / f"u{s}")[1]]
+    assert len(rows) == 111  # the shared URLs twice (two alts), "late copy" once
+    assert len({r["uid"] for r in rows}) == 111
+
+
+def test_claims_land_in_the_bucket_python_computes(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    dedup = RunDedup(client, "cf:dedup:buckets", bits=12)
+    urls = [f"http://example.org/{i}.jpg" for i in range(500)]
+    dedup.claim(digests(*urls), owner=7)
+    for d in digests(*urls):
+        assert client.hget(dedup.bucket_key(d), d) == b"7"
+    assert len(list(client.scan_iter("cf:dedup:buckets:*"))) > 100

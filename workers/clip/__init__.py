@@ -1,0 +1,1 @@
+"""gpu-clip: CLIP image-text similarity of every downloaded sample, and which ones are kept."""

@@ -1,0 +1,60 @@
+"""Options of the download stage, with img2dataset's names where it has one."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from clipfleet.shared.options import option, validate
+
+RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+
+
+def _positive(value) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _not_negative(value) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+@dataclass
+class DownloadOptions:
+    image_size: int = option(256, "resize images to this many pixels", check=_positive)
+    resize_mode: str = option("border", "how images are fitted to --image-size", choices=RESIZE_MODES)
+    encode_format: str = option("jpg", "format of the stored images", choices=ENCODE_FORMATS)
+    encode_quality: int = option(95, "jpg/webp quality (0-100), png compression (0-9)")
+    min_image_size: int = option(0, "drop images whose smaller side is under this", check=_not_negative)
+    max_aspect_ratio: float = option(math.inf, "drop images longer than this ratio", check=_positive)
+    resize_only_if_bigger: bool = option(False, "leave an image that already fits as it is: no enlarging, "
+                                                "padding or cropping")
+    skip_reencode: bool = option(False, "store the downloaded bytes of an image that is not resized and "
+                                        "already in --encode-format (still decoded once, as a check)")
+    allow_private_addresses: bool = option(
+        False, "let the downloader fetch loopback and private addresses (off by default; for local tests); "
+               "link-local, multicast and reserved addresses stay refused")
+    user_agent_token: str | None = option(None, "added to the downloader's user agent so site owners can reach you")
+    download_threads: int = option(64, "fetching threads per download process", check=_positive)
+    download_timeout: float = option(10.0, "seconds of network time per image, all redirects and retries",
+                                     check=_positive)
+    download_retries: int = option(2, "extra attempts for transient failures: 5xx, 429, resets",
+                                   check=_not_negative)
+    max_image_bytes: int = option(32 * 2**20, "per image as downloaded", check=_positive)
+    max_image_pixels: int = option(89_478_484, "checked on the header before decoding (LAION's limit)",
+                                   check=_positive)
+    disallowed_header_directives: list[str] = option(
+        ["noai", "noimageai"], "X-Robots-Tag directives that mean an image is not used, comma list, "
+                               "empty for none")
+    domain_max_concurrency: int = option(16, "requests in flight per host across the fleet, 0 for no limit",
+                                         check=_not_negative)
+    domain_max_rate: float = option(20.0, "requests per second per host across the fleet, 0 for no limit",
+                                    check=_not_negative)
+    blocklist: str | None = option(None, "file or URI of URLs and md5/sha256 digests (one a line) never stored",
+                                   metavar="FILE")
+
+    def __post_init__(self):
+        validate(self)
+        if self.encode_format == "png" and not 0 <= self.encode_quality <= 9:
+            raise ValueError("for png, --encode-quality is the compression level, 0 to 9")
+        self.disallowed_header_directives = [d.strip().lower() for d in self.disallowed_header_directives
+                                             if d.strip()]
