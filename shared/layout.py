@@ -65,3 +65,16 @@ def dataset_shard(shard, ext: str = "tar") -> str:
 
 INDEX = "index"
 TAKEDOWNS = "takedowns"
+
+# A sample's global id (index, search, takedown): its shard and its row in that shard's embeddings,
+# packed so ids map to metadata without any table in memory. 2**20 rows per shard is far above
+# any shard size a run uses (default 10 000).
+ROW_BITS = 20
+
+
+def global_id(shard: int, row: int) -> int:
+    return (int(shard) << ROW_BITS) | int(row)
+
+
+def split_id(gid: int) -> tuple[int, int]:
+    return int(gid) >> ROW_BITS, int(gid) & ((1 << ROW_BITS) - 1)
