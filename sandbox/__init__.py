@@ -24,7 +24,9 @@ in-process: `.start()`, `.stop()`, `.url`, and `with SandboxServer(DIR) as serve
 ground_truth/images.parquet, one row per served image:
     id, url, caption, language, true_color, true_shape, caption_correct (bool),
     watermark (bool), unsafe (bool), width, height, format ("jpeg"|"png"|"webp"),
-    sha256, md5 (hashes of the served bytes), background
+    sha256, md5 (hashes of the served bytes), background, subject_size (the shape's radius
+    over the short side, 0.22-0.36), aesthetic (the aesthetic stand-in, 1-10 from subject_size:
+    a subject that fills the frame rates high; see sandbox.images.aesthetic_rating)
   `caption_correct` is False for deliberately wrong captions (both colour and shape wrong)
   and for captions with no language (camera file names such as "IMG_2034.JPG 1/250s").
   `unsafe` marks the stand-in class: the shape sits on black and yellow hazard stripes.

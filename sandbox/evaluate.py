@@ -27,6 +27,7 @@ class Drawn:
     shape: str
     background: str
     watermark: bool
+    aesthetic: float = float("nan")  # the 1-10 stand-in rating (images.aesthetic_rating)
 
     @property
     def unsafe(self) -> bool:
@@ -44,7 +45,10 @@ def draw_sample(per_class: int, seed: int, watermark_share: float = 0.25,
         background = images.UNSAFE_BACKGROUND if unsafe else str(rng.choice(images.BACKGROUNDS))
         item = Drawn(color, shape, background, bool(rng.random() < watermark_share))
         width, height = web_size(rng)
-        picture = images.render(color, shape, background, width, height, rng, item.watermark)
+        details = {}
+        picture = images.render(color, shape, background, width, height, rng, item.watermark,
+                                details=details)
+        item.aesthetic = details["aesthetic"]
         fmt = str(rng.choice(list(FORMAT_WEIGHTS), p=list(FORMAT_WEIGHTS.values())))
         served = images.encode(picture, fmt, rng)
         pictures.append(Image.open(io.BytesIO(served)).convert("RGB"))

@@ -30,6 +30,9 @@ BACKGROUNDS = ["plain", "stripes", "dots", "checker", "noise", "gradient"]
 UNSAFE_BACKGROUND = "hazard"
 LANGUAGES = ["en", "fr", "de", "es", "ru", "zh", "ja"]
 TEMPLATE_COUNT = 3
+# The subject's radius as a share of the image's short side. How much of the frame the subject
+# fills is the sandbox's aesthetic stand-in (see aesthetic_rating).
+SUBJECT_SIZE = (0.22, 0.36)
 
 # ----------------------------------------------------------------------------- pixels
 
@@ -144,10 +147,12 @@ def _shape_outline(shape: str, cx: float, cy: float, radius: float, tilt: float)
 
 
 def _draw_shape(image: Image.Image, color: str, shape: str, rng: np.random.Generator,
-                on_hazard: bool = False) -> None:
+                on_hazard: bool = False) -> float:
+    """Draw the subject; returns its size (radius over the short side)."""
     width, height = image.size
     side = min(width, height)
-    radius = side * rng.uniform(0.22, 0.36)
+    size = rng.uniform(*SUBJECT_SIZE)
+    radius = side * size
     # Keep the shape inside the central square: CLIP preprocessing centre-crops to it.
     slack = side / 2 - radius
     cx = width / 2 + rng.uniform(-0.5, 0.5) * slack
@@ -163,6 +168,7 @@ def _draw_shape(image: Image.Image, color: str, shape: str, rng: np.random.Gener
     else:
         points = _shape_outline(shape, cx, cy, radius, rng.uniform(-0.2, 0.2))
         draw.polygon(points, fill=fill, outline=outline, width=edge)
+    return float(size)
 
 
 def _overlay_watermark(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -196,11 +202,28 @@ def _overlay_watermark(image: Image.Image, rng: np.random.Generator) -> Image.Im
     return Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
 
 
+def aesthetic_rating(subject_size: float) -> float:
+    """The sandbox's aesthetic stand-in on LAION-Aesthetics' 1-10 scale: 1 for the smallest
+    subject, 10 for one that fills the frame ("fill the frame", a first rule of composition).
+
+    It is a fair stand-in because, like a real aesthetic rating, it is a graded property of the
+    pixels that no caption names and that CLIP was never trained to see: `shapes` learnt colour,
+    shape, background and watermark from captions, and its embeddings carry the subject's size
+    only as a side effect, as OpenAI's CLIP carries what LAION's raters liked. It changes no
+    pixel of the world (the size was always drawn), so colour and shape stay as recognisable."""
+    low, high = SUBJECT_SIZE
+    return float(1 + 9 * np.clip((subject_size - low) / (high - low), 0, 1))
+
+
 def render(color: str, shape: str, background: str, width: int, height: int,
-           rng: np.random.Generator, watermark: bool = False) -> Image.Image:
-    """Draw one picture. `background` may be UNSAFE_BACKGROUND for the unsafe stand-in."""
+           rng: np.random.Generator, watermark: bool = False,
+           details: dict | None = None) -> Image.Image:
+    """Draw one picture. `background` may be UNSAFE_BACKGROUND for the unsafe stand-in.
+    `details`, when given, receives "subject_size" and its "aesthetic" rating."""
     image = _background(background, width, height, rng)
-    _draw_shape(image, color, shape, rng, on_hazard=background == UNSAFE_BACKGROUND)
+    size = _draw_shape(image, color, shape, rng, on_hazard=background == UNSAFE_BACKGROUND)
+    if details is not None:
+        details.update(subject_size=size, aesthetic=aesthetic_rating(size))
     if watermark:
         image = _overlay_watermark(image, rng)
     return image

@@ -114,11 +114,12 @@ def _write_images(web_dir: Path, specs_rngs, port: int) -> list[dict]:
     rows = []
     (web_dir / "img").mkdir(parents=True, exist_ok=True)
     for spec, rng in specs_rngs:
+        details = {}
         picture = images.render(spec.color, spec.shape, spec.background, spec.width,
-                                spec.height, rng, watermark=spec.watermark)
+                                spec.height, rng, watermark=spec.watermark, details=details)
         data = images.encode(picture, spec.format, rng)
         (web_dir / "img" / f"{spec.id:06d}.{EXTENSIONS[spec.format]}").write_bytes(data)
-        rows.append({**spec.__dict__, "url": image_url(port, spec.id, spec.format),
+        rows.append({**spec.__dict__, **details, "url": image_url(port, spec.id, spec.format),
                      "sha256": hashlib.sha256(data).hexdigest(),
                      "md5": hashlib.md5(data).hexdigest()})
     return rows
@@ -401,7 +402,7 @@ _IMAGES_SCHEMA = pa.schema([
     ("true_color", pa.string()), ("true_shape", pa.string()), ("caption_correct", pa.bool_()),
     ("watermark", pa.bool_()), ("unsafe", pa.bool_()), ("width", pa.int64()),
     ("height", pa.int64()), ("format", pa.string()), ("sha256", pa.string()), ("md5", pa.string()),
-    ("background", pa.string()),
+    ("background", pa.string()), ("subject_size", pa.float32()), ("aesthetic", pa.float32()),
 ])
 _CORNER_SCHEMA = pa.schema([(name, pa.string()) for name in (
     "case", "url", "expected_status", "expected_error", "note", "resolve_host", "resolve_addr")])
