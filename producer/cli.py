@@ -164,6 +164,28 @@ def cmd_demo(args) -> int:
     return run_demo(args.store, args.samples, args.keep_serving)
 
 
+# -- serve / subset ----------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from clipfleet.search.server import serve
+    from clipfleet.search.settings import ServeSettings
+    return serve(args.store, from_args(ServeSettings, args))
+
+
+def cmd_subset(args) -> int:
+    import json
+    from clipfleet.search.subset import run_subset
+    done = run_subset(args.store, args.query, args.k, args.out, max_punsafe=args.max_punsafe,
+                      max_pwatermark=args.max_pwatermark, min_aesthetic=args.min_aesthetic,
+                      deduplicate=args.deduplicate, languages=args.language, modality=args.modality,
+                      cache_dir=args.cache_dir)
+    print(f"wrote {done['rows']} of {done['asked']} samples to {args.out} ({done['searched']} searched)")
+    for name, why in done["notes"].items():
+        print(f"  {name}: {why}")
+    print(f"download them with: img2dataset --url_list {args.out} --input_format parquet "
+          f"--url_col url --caption_col caption --output_folder OUT")
+    return 0 if done["rows"] else 1
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipfleet", description=(
@@ -210,6 +232,29 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--samples", type=int, default=1000, help="images in the synthetic web (default %(default)s)")
     dm.add_argument("--keep-serving", action="store_true", help="keep serving the synthetic web after the run, until Ctrl-C")
     dm.set_defaults(func=cmd_demo)
+
+    from clipfleet.search.settings import ServeSettings
+    sv = sub.add_parser("serve", help="serve a run's index: clip back's API, a web UI, /metrics")
+    sv.add_argument("--store", required=True, help="the run's store (a directory or s3://bucket/prefix)")
+    add_flags(sv, ServeSettings, "service")
+    sv.set_defaults(func=cmd_serve)
+
+    ss = sub.add_parser("subset", help="write the samples nearest a text query as a parquet img2dataset downloads")
+    ss.add_argument("--store", required=True, help="the run's store")
+    ss.add_argument("--query", required=True, help="the text to search for")
+    ss.add_argument("--k", type=int, default=1000, help="samples to write (default %(default)s); the search goes "
+                                                        "deeper until that many pass the filters")
+    ss.add_argument("--max-punsafe", type=float, help="drop samples whose punsafe is above this (LAION: 0.5)")
+    ss.add_argument("--max-pwatermark", type=float, help="drop samples whose pwatermark is above this")
+    ss.add_argument("--min-aesthetic", type=float, help="drop samples whose aesthetic score is under this")
+    ss.add_argument("--deduplicate", action="store_true", help="drop near-duplicate images (cosine >= 0.94)")
+    ss.add_argument("--language", type=lambda t: [p.strip() for p in t.split(",")], metavar="A,B",
+                    help="keep only these languages (comma list)")
+    ss.add_argument("--modality", choices=("image", "text"), default="image",
+                    help="search the image or the text index (default %(default)s)")
+    ss.add_argument("--cache-dir", metavar="DIR", help="where the search metadata is built (as for serve)")
+    ss.add_argument("--out", required=True, help="the parquet file to write")
+    ss.set_defaults(func=cmd_subset)
 
     try:
         from clipfleet.sandbox.cli import register as register_sandbox
