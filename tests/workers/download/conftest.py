@@ -94,7 +94,7 @@ def make_run(store_uri: str, **options) -> RunConfig:
 
 
 def make_stage(cfg: RunConfig, redis_url: str, **hooks) -> DownloadStage:
-    limiter = DomainLimiter(redis.Redis.from_url(redis_url), domain_limits(cfg))
+    limiter = DomainLimiter(redis.Redis.from_url(redis_url), domain_limits(cfg.download))
     return DownloadStage(cfg, limiter=limiter, **hooks)
 
 
@@ -108,9 +108,13 @@ class RecordingHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        self.server.requests.append((self.path, dict(self.headers)))
         path, _, query = self.path.partition("?")
         headers, status, body = {}, 200, self.image
+        if path == "/robots.txt":  # none: everything allowed (RFC 9309 for a 404); counted apart
+            self.server.robots_requests.append((self.path, dict(self.headers)))
+            status, body = 404, b"no robots.txt"
+        else:
+            self.server.requests.append((self.path, dict(self.headers)))
         if path == "/robots-tag":
             headers["X-Robots-Tag"] = query.replace("%20", " ").replace("%3A", ":")
         elif path == "/missing":
@@ -139,6 +143,7 @@ def recording_server(world):
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.requests = []
+    server.robots_requests = []
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

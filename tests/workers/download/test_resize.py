@@ -91,9 +91,9 @@ def test_min_size_and_aspect_ratio_use_img2datasets_messages():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="resize_mode"):
+    with pytest.raises(ValueError, match="--resize-mode"):
         DownloadOptions(resize_mode="stretch")
-    with pytest.raises(ValueError, match="encode_format"):
+    with pytest.raises(ValueError, match="--encode-format"):
         DownloadOptions(encode_format="gif")
 
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from clipfleet.shared.pipeline import TransientError
+from clipfleet.shared.pipeline import Stats, TransientError
 from clipfleet.workers.download.blocklist import Blocklist
 from clipfleet.workers.download.stage import FetchPool, download_shard
 from clipfleet.workers.download.fetch import FetchFailed
@@ -38,10 +38,11 @@ def test_every_sample_is_fetched_once_and_written_in_order(tmp_path):
     pool = FetchPool(7)
     for shard in range(3):  # the same threads serve shard after shard
         fetcher = FakeFetcher()
-        output = download_shard(pa.table({"url": urls}), shard, tmp_path, fetcher, DownloadOptions(),
-                                Blocklist.load(None), pool, shard_size=300)
+        stats = Stats()
+        download_shard(pa.table({"url": urls}), shard, tmp_path, fetcher, DownloadOptions(),
+                       Blocklist.load(None), pool, 300, stats)
         assert sorted(fetcher.fetched) == sorted(urls)
-        assert output.stats["count"] == 300 and output.stats["failed_to_download"] == 300
+        assert stats.get("count") == 300 and stats.get("failed_to_download") == 300
     assert sum(t.name.startswith("download-") for t in threading.enumerate()) >= 7
 
 
@@ -52,7 +53,7 @@ def test_redis_outage_fails_the_shard_and_frees_its_threads(tmp_path):
     fetcher = FakeFetcher(redis_down_on=urls[5])
     with pytest.raises(TransientError):
         download_shard(pa.table({"url": urls}), 0, tmp_path, fetcher, DownloadOptions(),
-                       Blocklist.load(None), pool, shard_size=2000)
+                       Blocklist.load(None), pool, 2000, Stats())
     deadline = time.monotonic() + 5
     while pool.busy and time.monotonic() < deadline:
         time.sleep(0.01)

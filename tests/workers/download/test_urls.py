@@ -72,7 +72,7 @@ def test_a_missing_column_is_named_with_the_option_to_fix_it(tmp_path):
     cfg = RunConfig.make(store=str(tmp_path / "store"), inputs=[path], input_kind="urls")
     with pytest.raises(UrlInputError, match="no column 'url' .*URL, TEXT.*--url-col"):
         write_url_shards(Store(cfg.store), cfg)
-    cfg.url_col = "URL"
+    cfg.input.url_col = "URL"
     with pytest.raises(UrlInputError, match="no column 'caption'.*--caption-col"):
         write_url_shards(Store(cfg.store), cfg)
 
@@ -89,13 +89,12 @@ def test_cli_names_the_missing_column_before_registering_the_run(tmp_path):
 
 def test_img2dataset_resize_flags_reach_the_stage(tmp_path):
     from clipfleet.producer.cli import build_parser, run_config_from_args
-    from clipfleet.workers.download.stage import resize_options
     urls = tmp_path / "u.parquet"
     pq.write_table(pa.table({"url": ["http://a.test/1.jpg"], "caption": ["one"]}), urls)
     args = build_parser().parse_args(["run", "--urls", str(urls), "--store", str(tmp_path / "s"),
                                       "--resize-mode", "keep_ratio", "--resize-only-if-bigger", "--skip-reencode"])
-    opts = resize_options(run_config_from_args(args, str(tmp_path / "s")))
+    opts = run_config_from_args(args, str(tmp_path / "s")).download
     assert (opts.resize_mode, opts.resize_only_if_bigger, opts.skip_reencode) == ("keep_ratio", True, True)
-    defaults = resize_options(run_config_from_args(build_parser().parse_args(
-        ["run", "--urls", str(urls), "--store", str(tmp_path / "s")]), str(tmp_path / "s")))
+    defaults = run_config_from_args(build_parser().parse_args(
+        ["run", "--urls", str(urls), "--store", str(tmp_path / "s")]), str(tmp_path / "s")).download
     assert (defaults.resize_only_if_bigger, defaults.skip_reencode) == (False, False)

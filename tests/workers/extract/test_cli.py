@@ -25,7 +25,7 @@ def clipfleet_run(wats: list[str], store: str, state_dir) -> subprocess.Complete
 def occurrences(wats: list[str]) -> dict[str, set]:
     """Every (caption, page, WAT index) each URL has, before dedup across WATs."""
     seen = defaultdict(set)
-    cfg = RunConfig.make(store="unused")
+    cfg = RunConfig.make(store="unused").extract
     for index, wat in enumerate(wats):
         with open_wat(wat) as source:
             for url, caption, page_url in extract_pairs(source, cfg, Counter()):

@@ -19,6 +19,7 @@ from clipfleet.shared.ids import pair_uid, pair_uids
 from clipfleet.shared.language import LanguageTagger, language_text
 from clipfleet.workers.extract.stage import (ExtractStage, PageUrls, clean_alt, extract_pairs, join_base, open_wat,
                                              page_pairs, url_digest, url_digests)
+from tests.helpers import run_direct
 from tests.workers.extract.watfile import img, response_record, write_wat
 
 CFG = RunConfig.make(store="unused").extract
@@ -302,7 +303,7 @@ def test_a_failing_claim_is_transient(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(TransientError):
-        stage.run(None, 0, out, wat=str(path))
+        run_direct(stage, None, 0, out, wat=str(path))
 
 
 def test_shards_split_across_batches(tmp_path, redis_url, monkeypatch):
@@ -315,7 +316,7 @@ def test_shards_split_across_batches(tmp_path, redis_url, monkeypatch):
                          redis_client=redis.Redis.from_url(redis_url))
     out = tmp_path / "out"
     out.mkdir()
-    result = stage.run(None, 0, out, wat=str(path))
+    result, _ = run_direct(stage, None, 0, out, wat=str(path))
     import pyarrow.parquet as pq
     rows = [r for f in sorted(result.files.values()) for r in pq.read_table(f).to_pylist()]
     assert [len(pq.read_table(f)) for f in sorted(result.files.values())] == [17] * 7 + [1]

@@ -10,6 +10,7 @@ import redis
 
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.workers.extract.stage import ExtractStage, RunDedup, bucket_bits, dedup_namespace, url_digest
+from tests.helpers import run_direct
 from tests.workers.extract.watfile import img, response_record, write_wat
 
 
@@ -54,25 +55,25 @@ def _segment_files(tmp_path: Path) -> list[str]:
 
 def _run(stage: ExtractStage, segment: int, wat: str, out: Path):
     out.mkdir(parents=True, exist_ok=True)
-    result = stage.run(None, segment, out, wat=wat)
+    result, counts = run_direct(stage, None, segment, out, wat=wat)
     rows = [r for f in result.files.values() for r in pq.read_table(f).to_pylist()]
-    return result, rows
+    return result, counts, rows
 
 
 def test_segments_in_order_and_a_redelivered_segment(redis_url, tmp_path):
     wats = _segment_files(tmp_path)
     cfg = RunConfig.make(store=str(tmp_path / "store"), inputs=wats, shard_size=25)
     stage = ExtractStage(cfg, redis_client=redis.Redis.from_url(redis_url))
-    first, rows0 = _run(stage, 0, wats[0], tmp_path / "o0")
+    first, _, rows0 = _run(stage, 0, wats[0], tmp_path / "o0")
     assert first.next_shards == [0, 1] and len(rows0) == 40  # 25 + 15 rows, ids 0 and 1
-    second, rows1 = _run(stage, 1, wats[1], tmp_path / "o1")
-    assert len(rows1) == 30 and second.stats["drop_duplicate_in_run"] == 10
+    second, second_counts, rows1 = _run(stage, 1, wats[1], tmp_path / "o1")
+    assert len(rows1) == 30 and second_counts["drop_duplicate_in_run"] == 10
     assert second.next_shards == [1000, 1001]
-    third, rows2 = _run(stage, 2, wats[2], tmp_path / "o2")
+    _, third, rows2 = _run(stage, 2, wats[2], tmp_path / "o2")
     assert len(rows2) == 30
-    assert third.stats["drop_duplicate_in_run"] == 1 and third.stats["drop_duplicate_in_segment"] == 1
+    assert third["drop_duplicate_in_run"] == 1 and third["drop_duplicate_in_segment"] == 1
     # segment 1 delivered again after its claims were made: the same rows, nothing lost
-    again, rows1_again = _run(stage, 1, wats[1], tmp_path / "o1-again")
+    again, _, rows1_again = _run(stage, 1, wats[1], tmp_path / "o1-again")
     assert rows1_again == rows1 and again.next_shards == second.next_shards
     urls = [r["url"] for r in rows0 + rows1 + rows2]
     assert len(urls) == len(set(urls)) == 100
@@ -86,7 +87,7 @@ def test_concurrent_segments_keep_each_url_once(redis_url, tmp_path):
 
     def work(segment):
         stage = ExtractStage(cfg, redis_client=redis.Redis.from_url(redis_url))
-        results[segment] = _run(stage, segment, wats[segment], tmp_path / f"c{segment}")[1]
+        results[segment] = _run(stage, segment, wats[segment], tmp_path / f"c{segment}")[2]
 
     threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
     for t in threads:
@@ -101,7 +102,7 @@ def test_dedup_by_uid_keeps_a_url_with_another_caption(redis_url, tmp_path):
     wats = _segment_files(tmp_path)
     cfg = RunConfig.make(store=str(tmp_path / "store"), inputs=wats, dedup_by="uid")
     stage = ExtractStage(cfg, redis_client=redis.Redis.from_url(redis_url))
-    rows = [r for s in range(3) for r in _run(stage, s, wats[s], tmp_path / f"u{s}")[1]]
+    rows = [r for s in range(3) for r in _run(stage, s, wats[s], tmp_path / f"u{s}")[2]]
     assert len(rows) == 111  # the shared URLs twice (two alts), "late copy" once
     assert len({r["uid"] for r in rows}) == 111
 
