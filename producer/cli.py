@@ -102,6 +102,9 @@ def cmd_run(args) -> int:
     store = runlib.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
     stages = runlib.stages_of(cfg, set(built_stages()))
+    if "tag" in stages:  # a head that cannot tag this run's embeddings fails here, before run.json
+        from clipfleet.workers.tag.plan import prepare
+        prepare(cfg)
     if not stages:
         raise RunError(f"this fleet has no {cfg.input_kind} entry stage yet")
     if stages[-1] != cfg.until:
@@ -255,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--cache-dir", metavar="DIR", help="where the search metadata is built (as for serve)")
     ss.add_argument("--out", required=True, help="the parquet file to write")
     ss.set_defaults(func=cmd_subset)
+
+    from clipfleet.producer.train_head import register as register_train_head
+    register_train_head(sub)
 
     try:
         from clipfleet.sandbox.cli import register as register_sandbox
