@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench compose-e2e clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: install
 
 bench: install
 	$(PY) -m bench
+
+# Needs a Docker engine and compose/.env (none here; see README "Running in containers").
+compose-e2e:
+	compose/e2e.sh
 
 clean:
 	rm -rf $(VENV) demo-store .bench
