@@ -40,6 +40,12 @@ def clip_shard(shard) -> str:
     return f"clip/{shard_name(shard)}.parquet"
 
 
+def clip_embeddings(shard) -> str:
+    """The filter's embeddings of kept samples when its model is also the embed model, so the
+    embed stage decodes and encodes nothing twice (npz: keys, img, text, float16)."""
+    return f"clip/{shard_name(shard)}_emb.npz"
+
+
 EMBEDDINGS = "embeddings"
 
 

@@ -53,6 +53,16 @@ def _read_metrics(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def suggested_min_similarity(name: str) -> float | None:
+    """The similarity threshold a model ships calibrated for (metrics.json), if any.
+
+    LAION's 0.28 / 0.26 hold for OpenAI's and LAION's CLIPs only; a model trained elsewhere
+    (`shapes`) has its own scale. Reads one small json file: no torch."""
+    folder = model_folder(name)
+    value = _read_metrics(folder).get("suggested_min_similarity") if folder is not None else None
+    return float(value) if value is not None else None
+
+
 def model_folder(name: str) -> Path | None:
     """The local folder holding `name`'s files, when it is a shipped name or a directory."""
     if (SHIPPED_DIR / name / CONFIG_FILE).is_file() and "/" not in name:

@@ -1,0 +1,104 @@
+"""The CLIP and embed tests' world: a sandbox web downloaded once per session by the real
+download stage, into image shards every test copies into a store of its own.
+
+The world is bigger than the download tests' one so precision and recall are measured on a
+few hundred pairs; its captions carry their real languages (en, fr, ..., none).
+"""
+from __future__ import annotations
+
+import io
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+from clipfleet.producer.fleet import _wait_for, check_broker, find_redis_server, free_port
+from clipfleet.sandbox.server import SandboxServer
+from clipfleet.sandbox.web import make_sandbox
+from clipfleet.shared import layout
+from clipfleet.shared.pipeline import execute
+from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.storage import Store
+from clipfleet.workers.download.politeness import DomainLimiter
+from clipfleet.workers.download.stage import DownloadStage, domain_limits
+from tests.workers.download.conftest import loopback_only  # noqa: F401  (autouse: loopback only)
+
+WORLD_SAMPLES = 320
+SHARD_SIZE = 160
+SHARDS = (0, 1)
+SHAPES = {"filter_model": "shapes", "multilingual_filter_model": "shapes", "embed_model": "shapes"}
+
+
+@dataclass
+class Downloaded:
+    """Image shards of the sandbox world and the truth about each image (by URL)."""
+    store_uri: str
+    truth: dict[str, dict]
+    world: Path
+
+    def rows(self, shard: int) -> list[dict]:
+        return pq.read_table(io.BytesIO(Store(self.store_uri).read_bytes(layout.image_shard(shard, "parquet")))
+                             ).to_pylist()
+
+
+@pytest.fixture(scope="session")
+def session_redis(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait_for(lambda: check_broker(url, 0.5) is None, "redis-server", 20, proc)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def downloaded(tmp_path_factory, session_redis) -> Downloaded:
+    world = tmp_path_factory.mktemp("clip-world")
+    make_sandbox(world, samples=WORLD_SAMPLES, port=free_port(), seed=21, wat_files=1)
+    truth = pq.read_table(world / "ground_truth" / "images.parquet").to_pylist()
+    store_uri = str(tmp_path_factory.mktemp("downloaded") / "store")
+    store = Store(store_uri)
+    cfg = RunConfig.make(store=store_uri, input_kind="urls", until="download", allow_private_addresses=True,
+                         download_timeout=10.0, resize_mode="keep_ratio", domain_max_concurrency=64, domain_max_rate=0.0,
+                         shard_size=SHARD_SIZE)
+    cfg.save(store)
+    with SandboxServer(world):
+        stage = DownloadStage(cfg, limiter=DomainLimiter(redis.Redis.from_url(session_redis), domain_limits(cfg.download)))
+        for shard in SHARDS:
+            part = truth[shard * SHARD_SIZE:(shard + 1) * SHARD_SIZE]
+            buf = io.BytesIO()
+            pq.write_table(pa.table({
+                "url": [r["url"] for r in part], "caption": [r["caption"] for r in part],
+                "page_url": [None] * len(part), "language": [r["language"] for r in part],
+                "language_score": pa.array([1.0] * len(part), pa.float32()),
+                "uid": [f"uid-{r['id']}" for r in part]}, schema=layout.URL_SHARD_SCHEMA), buf)
+            store.write_bytes(layout.url_shard(shard), buf.getvalue())
+            marker = execute(stage, store, shard)
+            assert marker["stats"]["success"] == len(part), marker["stats"]
+    return Downloaded(store_uri, {r["url"]: r for r in truth}, world)
+
+
+def copy_images(downloaded: Downloaded, store_uri: str, shards=SHARDS) -> Store:
+    """A store holding the downloaded image shards (the download stage's outputs and markers)."""
+    source, target = Store(downloaded.store_uri), Store(store_uri)
+    for shard in shards:
+        for ext in ("tar", "parquet", "stats"):
+            rel = layout.image_shard(shard, ext)
+            target.write_bytes(rel, source.read_bytes(rel))
+    return target
+
+
+def clip_run(store_uri: str, until: str = "clip", **options) -> RunConfig:
+    """A saved run config for the CLIP (and embed) stages on the sandbox, `shapes` everywhere."""
+    cfg = RunConfig.make(store=store_uri, input_kind="urls", until=until, shard_size=SHARD_SIZE,
+                         **{**SHAPES, **options})
+    cfg.save(Store(store_uri))
+    return cfg
