@@ -1,18 +1,26 @@
-"""`clipfleet demo`: the whole pipeline on this machine, offline.
+"""`clipfleet demo`: the whole pipeline on this machine, offline, in a few minutes.
 
-Builds (or reuses) a sandbox world, serves it on 127.0.0.1, runs every built stage on its WAT
-files through an embedded fleet, and prints what the run produced. Running it again resumes
-the same run, so it never redoes finished work.
+Builds (or reuses) a sandbox world, serves it on 127.0.0.1, runs every stage on its WAT files
+through an embedded fleet with the shipped `shapes` model, writes the run's report, prints a
+sample query's top results, and with `--serve` serves search until Ctrl-C. Running it again
+resumes the same run, so it never redoes finished work.
 """
 from __future__ import annotations
 
-import json
 import socket
-import time
+import tempfile
 from pathlib import Path
 
+from clipfleet.producer.run import RunError
 from clipfleet.sandbox.server import SandboxServer, read_settings
 from clipfleet.sandbox.web import DEFAULT_PORT, make_sandbox
+
+SAMPLE_QUERY = "a red circle"
+DEMO_MODEL = "shapes"
+
+
+class DemoError(RunError):
+    """The demo cannot run as asked (a busy port its store depends on)."""
 
 
 def _port_free(port: int) -> bool:
@@ -24,15 +32,27 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def prepare_world(world: Path, samples: int) -> dict:
-    """Reuse a world with the same sample count; else build one on a port that is free now."""
+def prepare_world(world: Path, samples: int, store_has_run: bool) -> dict:
+    """Reuse the world a store's run points at; else build one on a port that is free now.
+
+    The world's URLs carry its port, and a store's URL shards carry those URLs: a run that exists
+    is never pointed at a rebuilt world. A busy port is an error then, not a new world."""
     try:
         settings = read_settings(world)
-        if settings["samples"] == samples and _port_free(settings["port"]):
-            return settings
     except FileNotFoundError:
-        pass
+        settings = None
+    if settings is not None and (store_has_run or settings["samples"] == samples):
+        if not _port_free(settings["port"]):
+            raise DemoError(f"port {settings['port']} is taken, and the sandbox world in {world} (which "
+                            f"this demo's store was built from) serves its images there; stop what uses "
+                            f"the port, or run the demo with another --store")
+        if settings["samples"] != samples:
+            print(f"reusing the {settings['samples']}-image world of this store's run "
+                  f"(--samples {samples} applies to a new --store)", flush=True)
+        return settings
     port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
+    if port != DEFAULT_PORT:
+        print(f"port {DEFAULT_PORT} is taken; the sandbox web will use {port}", flush=True)
     print(f"building a sandbox world of {samples} images in {world} ...", flush=True)
     return make_sandbox(world, samples=samples, port=port)
 
@@ -42,27 +62,47 @@ def _free_port() -> int:
     return free_port()
 
 
-def run_demo(store: str, samples: int, keep_serving: bool) -> int:
-    from clipfleet.producer.cli import main as cli_main
-    from clipfleet.producer.status import run_status
+def show_sample_query(cli_main, store: str) -> None:
+    import pyarrow.parquet as pq
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "subset.parquet")
+        if cli_main(["subset", "--store", store, "--query", SAMPLE_QUERY, "--k", "5", "--out", out]) != 0:
+            return
+        rows = pq.read_table(out).to_pylist()
+    print(f"\ntop results for {SAMPLE_QUERY!r}:")
+    for row in rows:
+        print(f"  {row.get('similarity', 0):.3f}  {row.get('caption')!s:<40.40}  {row.get('url')}")
 
-    world = Path(f"{store.rstrip('/')}-sandbox")
-    settings = prepare_world(world, samples)
+
+def run_demo(store: str, samples: int, serve: bool, port: int = 1234) -> int:
+    from clipfleet.producer.cli import build_parser, main as cli_main
+    from clipfleet.shared.storage import Store
+
+    store_uri = str(Path(store).resolve()) if "://" not in store else store
+    world = Path(f"{store_uri.rstrip('/')}-sandbox")
+    settings = prepare_world(world, samples, Store(store_uri).exists("run.json"))
     wats = [str(world / "wat" / name) for name in settings["wat_files"]]
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
     with SandboxServer(world) as server:
         print(f"sandbox web: {server.url}", flush=True)
-        # The sandbox is our own server on loopback: the address guard and the per-host rate
-        # limit exist for other people's servers, so the demo lifts both.
-        code = cli_main(["run", "--wat", *wats, "--store", store, "--allow-private-addresses",
-                         "--domain-max-rate", "0"])
-        print()
-        run_status(store)
-        print(json.dumps({"store": store, "sandbox": str(world)}))
-        if keep_serving:
-            print("serving the sandbox web; press Ctrl-C to stop", flush=True)
+        # The sandbox is our own server on loopback: the address guard exists for other people's
+        # servers, so the demo opens loopback; every politeness rule still applies.
+        code = cli_main(["run", "--wat", *wats, "--store", store_uri, "--allow-private-addresses",
+                         "--filter-model", DEMO_MODEL, "--multilingual-filter-model", DEMO_MODEL,
+                         "--embed-model", DEMO_MODEL])
+        if code != 0:
+            return code
+        if "report" in commands:
+            report = str(Path(store_uri) / "report.html") if "://" not in store_uri else "report.html"
+            if cli_main(["report", "--store", store_uri, "--out", report]) == 0:
+                print(f"report: {report}")
+        if "subset" in commands:
+            show_sample_query(cli_main, store_uri)
+        print(f"\nstore: {store_uri}\nsandbox: {world}")
+        if serve and "serve" in commands:
+            print("serving search until Ctrl-C (the sandbox web stays up for the images)", flush=True)
             try:
-                while True:
-                    time.sleep(1)
+                return cli_main(["serve", "--store", store_uri, "--port", str(port)])
             except KeyboardInterrupt:
-                pass
+                return 0
     return code
