@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/clipfleet demo
+	$(VENV)/bin/clipfleet demo --serve
 
 test: install
 	$(PY) -m pytest tests

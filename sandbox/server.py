@@ -110,6 +110,15 @@ class _HTTPServer(ThreadingHTTPServer):
         self._count_lock = threading.Lock()
         super().__init__(address, _Handler)
 
+    def handle_error(self, request, client_address):
+        # A client that hangs up (a download cut at its deadline, a body refused for X-Robots-Tag)
+        # is part of what this server is for: no traceback in the middle of a run's progress bars.
+        import sys
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)) or self.quiet:
+            return
+        super().handle_error(request, client_address)
+
     def count_request(self, path: str) -> int:
         """How many requests this path had before this one (0 for the first)."""
         with self._count_lock:
