@@ -102,7 +102,7 @@ def cmd_run(args) -> int:
     store = runlib.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
     stages = runlib.stages_of(cfg, set(built_stages()))
-    if "tag" in stages:  # a head that cannot tag this run's embeddings fails here, before run.json
+    if STAGES.index(cfg.until) >= STAGES.index("tag"):  # a head that cannot tag this run's embeddings fails here, before run.json
         from clipfleet.workers.tag.plan import prepare
         prepare(cfg)
     if not stages:

@@ -8,13 +8,15 @@ own filters; clip clients never send them.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TEXT = 10_000
 MAX_URL = 4096
 MAX_EMBEDDING = 4096
+# A global id: shard << 20 | row, a 64-bit integer (numpy and faiss take no more).
+SampleId = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class KnnQuery(BaseModel):
@@ -84,13 +86,13 @@ class KnnQuery(BaseModel):
 class MetadataQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ids: list[int] = Field(..., description="global sample ids from /knn-service")
+    ids: list[SampleId] = Field(..., description="global sample ids from /knn-service")
     indice_name: str | None = Field(None, max_length=1000, description="an index from /indices-list; default the first")
 
 
 class ExportQuery(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    ids: list[int] = Field(..., description="global sample ids, in the order to export")
+    ids: list[SampleId] = Field(..., description="global sample ids, in the order to export")
     similarities: list[float] | None = Field(None, description="each id's similarity to the query, kept as a column")
     indice_name: str | None = Field(None, max_length=1000)

@@ -182,8 +182,6 @@ def build_app(engine: Engine, index_name: str) -> FastAPI:
         with metrics.STEP_SECONDS.labels("search").time():
             outcome = engine.search(vector, num_ids, modality=query.modality or "image", filters=filters,
                                     deadline=deadline)
-        if query.use_safety_model and "use_safety_model" in outcome.notes:
-            pass
         notes.update(outcome.notes)
         with metrics.STEP_SECONDS.labels("metadata").time():
             metas = engine.metadata(outcome.ids[:num_images])
