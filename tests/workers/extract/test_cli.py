@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
-from clipfleet.workers.extract.stage import extract_pairs, open_wat
+from clipfleet.workers.extract.rules import extract_pairs
+from clipfleet.workers.extract.wat import open_wat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -6,16 +6,30 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import redis
 
+from clipfleet.shared.pipeline import TransientError
 from clipfleet.shared.runconfig import RunConfig
-from clipfleet.workers.extract.stage import ExtractStage, RunDedup, bucket_bits, dedup_namespace, url_digest
+from clipfleet.workers.extract import stage as extract
+from clipfleet.workers.extract.dedup import RunDedup, bucket_bits, dedup_namespace, url_digest
+from clipfleet.workers.extract.rules import extract_pairs
+from clipfleet.workers.extract.stage import ExtractStage
+from clipfleet.workers.extract.wat import open_wat
 from tests.helpers import run_direct
-from tests.workers.extract.watfile import img, response_record, write_wat
+from tests.workers.extract.watfile import good_page, img, response_record, write_wat
+
+CFG = RunConfig.make(store="unused").extract
 
 
 def digests(*urls: str) -> list[bytes]:
     return [url_digest(u) for u in urls]
+
+
+def test_digests_are_stable_and_compact():
+    assert url_digest("http://example.org/a.jpg") == url_digest("http://example.org/a.jpg")
+    assert url_digest("http://example.org/a.jpg") != url_digest("http://example.org/b.jpg")
+    assert len(url_digest("http://example.org/a.jpg")) == 8
 
 
 def test_first_claim_wins_and_owner_keeps_its_claims(redis_url):
@@ -115,3 +129,30 @@ def test_claims_land_in_the_bucket_python_computes(redis_url):
     for d in digests(*urls):
         assert client.hget(dedup.bucket_key(d), d) == b"7"
     assert len(list(client.scan_iter("cf:dedup:buckets:*"))) > 100
+
+
+def test_a_failing_claim_is_transient(tmp_path):
+    path = tmp_path / "a.wat.gz"
+    write_wat(path, [good_page(i) for i in range(20)])
+    stage = ExtractStage(RunConfig.make(store=str(tmp_path / "store"), inputs=[str(path)]),
+                         redis_client=redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(TransientError):
+        run_direct(stage, None, 0, out, wat=str(path))
+
+
+def test_shards_split_across_batches(tmp_path, redis_url, monkeypatch):
+    """Small claim batches, shards cut across them: rows in record order."""
+    monkeypatch.setattr(extract, "CLAIM_BATCH", 5)
+    path = tmp_path / "a.wat.gz"
+    write_wat(path, [good_page(i) for i in range(60)])
+    stage = ExtractStage(RunConfig.make(store=str(tmp_path / "store"), inputs=[str(path)], shard_size=17),
+                         redis_client=redis.Redis.from_url(redis_url))
+    out = tmp_path / "out"
+    out.mkdir()
+    result, _ = run_direct(stage, None, 0, out, wat=str(path))
+    rows = [r for f in sorted(result.files.values()) for r in pq.read_table(f).to_pylist()]
+    assert [len(pq.read_table(f)) for f in sorted(result.files.values())] == [17] * 7 + [1]
+    with open_wat(str(path)) as source:
+        assert [(r["url"], r["caption"], r["page_url"]) for r in rows] == list(extract_pairs(source, CFG, Counter()))

@@ -13,7 +13,8 @@ import redis
 from clipfleet.shared.pipeline import execute
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
-from clipfleet.workers.extract.stage import ExtractStage, language_bucket
+from clipfleet.shared.language import language_bucket
+from clipfleet.workers.extract.stage import ExtractStage
 
 # lid.176 is unsure of some short alts; the sandbox's captions land in the right bucket
 # 99.5% of the time at the default threshold, so we ask for 95% overall and 90% per bucket.

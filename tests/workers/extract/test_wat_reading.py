@@ -8,7 +8,8 @@ import pytest
 
 from clipfleet.shared.pipeline import TransientError
 from clipfleet.shared.runconfig import RunConfig
-from clipfleet.workers.extract.stage import extract_pairs, iter_record_payloads, open_wat
+from clipfleet.workers.extract.rules import extract_pairs
+from clipfleet.workers.extract.wat import iter_record_payloads, open_wat
 from tests.workers.extract.watfile import img, response_record, write_wat
 
 CFG = RunConfig.make(store="unused").extract

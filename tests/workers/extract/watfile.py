@@ -25,6 +25,12 @@ def img(url: str, alt: str | None) -> dict:
     return link
 
 
+def good_page(i: int) -> dict:
+    """A page with two good image links, one root-relative and one relative with "../"."""
+    return response_record(f"http://example.org/gallery/{i}/page.html",
+                           [img(f"/img/{i}.jpg", f"picture number {i}"), img(f"../b/{i}.png", f"other picture {i}")])
+
+
 def write_wat(path, payloads: list, compress: bool = True) -> None:
     """One metadata record per payload: a dict is written as JSON, bytes as they are."""
     with open(path, "wb") as stream:

@@ -1,0 +1,59 @@
+"""Language ID of captions (shared/language.py): lid.176 into LAION's three buckets."""
+from __future__ import annotations
+
+import pytest
+
+from clipfleet.shared.language import LanguageTagger, language_bucket, language_text
+
+
+def test_language_text_keeps_letters_only():
+    assert language_text("IMG_0566.JPG 1/125s") == "img jpg s"
+    assert language_text("DSC01") == "dsc"
+    assert language_text("12345 / 678") == ""
+    assert language_text("Un CARRÉ bleu") == "un carré bleu"
+
+
+@pytest.mark.parametrize("caption, bucket", [
+    ("a photo of a red circle on a striped background", "en"),
+    ("une photo d'un carré bleu sur un fond rayé", "other"),
+    ("ein grüner Stern auf einem gepunkteten Hintergrund", "other"),
+    ("красный круг на полосатом фоне", "other"),
+    ("縞模様の背景に赤い丸", "other"),
+    ("DSC00231.jpg", "none"),
+    ("2019_0312_001234", "none"),
+])
+def test_language_buckets(caption, bucket):
+    code, score = LanguageTagger(min_score=0.3).tag(caption)
+    assert language_bucket(code) == bucket
+    assert 0.0 <= score <= 1.0
+
+
+def test_no_language_keeps_the_score():
+    tagger = LanguageTagger(min_score=1.01)  # nothing reaches it
+    code, score = tagger.tag("a photo of a red circle on a striped background")
+    assert code == "" and score > 0
+
+
+def test_language_text_shortcut_keeps_its_meaning():
+    """Letters and spaces skip the regex; every other character must still go through it."""
+    import re
+    not_letters = re.compile(r"[\W\d_]+")
+    for code in range(0x110000):
+        if not 0xd800 <= code < 0xe000:
+            caption = f"Ab {chr(code)}c"
+            assert language_text(caption) == " ".join(not_letters.sub(" ", caption).split()).lower(), hex(code)
+
+
+def test_language_is_predicted_once_per_text():
+    tagger = LanguageTagger(min_score=0.3)
+    first = tagger.tag("IMG_0566.JPG")
+    assert first == LanguageTagger(0.3, cache=False).tag("IMG_0566.JPG")
+
+    class NoModel:
+        def predict(self, text):
+            raise AssertionError(f"predicted {text!r} again")
+
+    tagger._model = NoModel()
+    assert tagger.tag("IMG_0567.JPG") == first  # another caption, the same text: "img jpg"
+
+
