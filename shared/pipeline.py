@@ -37,6 +37,8 @@ STAGES = tuple(QUEUES)
 TASK_MODULES = {
     "extract": "clipfleet.workers.extract.task",
     "download": "clipfleet.workers.download.task",
+    "clip": "clipfleet.workers.clip.task",
+    "embed": "clipfleet.workers.embed.task",
 }
 
 
