@@ -189,6 +189,19 @@ def cmd_subset(args) -> int:
     return 0 if done["rows"] else 1
 
 
+# -- report / plan -----------------------------------------------------------------------------
+def cmd_report(args) -> int:
+    from clipfleet.producer.report import write_report
+    done = write_report(args.store, args.out, max_shards=args.max_shards, grid=args.grid)
+    print(f"wrote {done['out']} ({done['bytes'] / 2**20:.1f} MiB, self-contained: open it in any browser)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from clipfleet.producer.plan import run_plan
+    return run_plan(args)
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipfleet", description=(
@@ -258,6 +271,27 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--cache-dir", metavar="DIR", help="where the search metadata is built (as for serve)")
     ss.add_argument("--out", required=True, help="the parquet file to write")
     ss.set_defaults(func=cmd_subset)
+
+    rp = sub.add_parser("report", help="the run as one self-contained HTML page: funnel, languages, "
+                                       "similarity, tags, sizes, throughput, samples")
+    rp.add_argument("--store", required=True, help="the run's store (a directory or s3://bucket/prefix); "
+                                                   "a running run reports what is finished")
+    rp.add_argument("--out", required=True, help="the HTML file to write")
+    rp.add_argument("--max-shards", type=int, default=32, help="read the tables of at most this many shards "
+                                                               "per stage, evenly spread (default %(default)s); "
+                                                               "markers are always all read")
+    rp.add_argument("--grid", type=int, default=12, help="kept and dropped samples shown (default %(default)s each)")
+    rp.set_defaults(func=cmd_report)
+
+    pl = sub.add_parser("plan", help="workers, GPUs, storage, Redis memory and bandwidth for N samples in D days")
+    pl.add_argument("--samples", type=float, required=True, help="published (kept) samples wanted, e.g. 5.85e9")
+    pl.add_argument("--days", type=float, required=True, help="wall-clock days for the whole run")
+    src_plan = pl.add_mutually_exclusive_group()
+    src_plan.add_argument("--from-bench", metavar="FILE", help="per-worker throughput from `make bench`'s "
+                                                               ".bench/results.json")
+    src_plan.add_argument("--store", help="per-worker throughput, success and keep rates from a run's markers")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
 
     from clipfleet.producer.train_head import register as register_train_head
     register_train_head(sub)
