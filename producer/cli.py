@@ -51,13 +51,13 @@ def cmd_up(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from clipfleet.producer.fleet import worker_argv
+    from clipfleet.producer.fleet import worker_argv, worker_env
     queues = parse_queues(args.queues)
     broker = args.broker or os.environ.get("CLIPFLEET_BROKER")
     if not broker:
         raise FleetError("no broker: pass --broker redis://HOST:PORT/0 or set CLIPFLEET_BROKER")
     check_broker(broker)
-    os.environ["CLIPFLEET_BROKER"] = broker
+    os.environ.update(worker_env(broker))
     argv = worker_argv(queues, broker, args.concurrency)
     os.execv(argv[0], argv)  # the worker replaces us, so signals reach Celery directly
 
@@ -111,11 +111,18 @@ def cmd_run(args) -> int:
         log.warning("stages after %s are not built yet; this run stops there", stages[-1])
     runlib.register(store, cfg)
     first = runlib.first_tasks(store, cfg)
+    if not first:
+        print(f"clipfleet: the input is empty: {', '.join(cfg.inputs)} holds no rows", file=sys.stderr)
+        return 1
+    for stage, shard in runlib.replay_deadletters(store, stages):
+        print(f"replaying dead-lettered {stage} shard {shard}")
     state = runlib.progress(store, stages, first)
-    if first and all(p.expected <= p.done for p in state):  # a rerun of a finished run: no fleet needed
+    if all(p.expected <= p.done for p in state):  # a rerun of a finished run: no fleet needed
         print(f"nothing to do: all {len(first)} {first[0].stage} tasks already done")
         print(runlib.summary(state))
-        return 0
+        lines, problems = runlib.produced(store, state)
+        print("\n".join(lines))
+        return 1 if problems else 0
     fleet = None
     try:
         if args.broker:
@@ -127,31 +134,7 @@ def cmd_run(args) -> int:
             fleet = start_fleet([QUEUES[s] for s in stages], store_key=store.uri, flower=False,
                                 log_dir=logs)
             broker = fleet.broker
-        from clipfleet.workers.app import make_app
-        import redis
-        app, client = make_app(broker), redis.Redis.from_url(broker)
-        if args.detach:
-            sent = runlib.enqueue(app, client, store, first)
-            print(f"enqueued {sent} {first[0].stage if first else ''} tasks; "
-                  f"follow with: clipfleet status --store {store.uri}")
-            return 0
-        sent = []  # the feeder's count, so a resumed run can say it sent nothing new
-        feeder = threading.Thread(target=lambda: sent.append(runlib.enqueue(app, client, store, first)),
-                                  daemon=True)
-        feeder.start()
-        state = runlib.follow(store, stages, first, fleet=fleet)
-        feeder.join(timeout=10)
-        if sent:
-            print(f"sent {sent[0]} of {len(first)} {first[0].stage if first else ''} tasks "
-                  f"({len(first) - sent[0]} already done)")
-        print(runlib.summary(state))
-        failed = [p for p in state if p.failed]
-        if failed:
-            for p in failed:
-                for d in store.deadletters(p.stage):
-                    print(f"  dead letter {p.stage} {d['shard']}: {d.get('error')}", file=sys.stderr)
-            return 1
-        return 0
+        return runlib.run_with_fleet(cfg, store, stages, first, broker, fleet=fleet, detach=args.detach)
     finally:
         if fleet is not None:
             fleet.stop()
@@ -159,7 +142,7 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     from clipfleet.producer.status import run_status
-    return run_status(args.store, as_json=args.json)
+    return run_status(args.store, as_json=args.json, broker=args.broker, recover=not args.no_recover)
 
 
 def cmd_demo(args) -> int:
@@ -241,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="what a run has done: shards per stage, counts, failures")
     st.add_argument("--store", required=True, help="the run's store")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.add_argument("--broker", help="Redis URL of the fleet (default: $CLIPFLEET_BROKER): adds in flight and "
+                                     "queued, and re-sends shards no live worker holds")
+    st.add_argument("--no-recover", action="store_true", help="with a broker, only look: re-send nothing")
     st.set_defaults(func=cmd_status)
 
     dm = sub.add_parser("demo", help="run the whole pipeline offline on a local synthetic web")

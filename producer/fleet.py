@@ -127,15 +127,18 @@ class Fleet:
     def start_worker(self, queues: list[str], concurrency: int | None = None) -> subprocess.Popen:
         name = "+".join(queues)
         return self._spawn(f"worker-{name}", worker_argv(queues, self.broker, concurrency),
-                           {"CLIPFLEET_BROKER": self.broker})
+                           worker_env(self.broker))
 
     def start_flower(self, port: int | None = None) -> str:
         port = port or free_port()
         user = os.environ.get("CLIPFLEET_FLOWER_USER", "clipfleet")
         password = os.environ.get("CLIPFLEET_FLOWER_PASSWORD") or secrets.token_urlsafe(12)
-        argv = [sys.executable, "-m", "celery", "-A", "clipfleet.workers.app", "--broker", self.broker, "flower",
-                f"--port={port}", "--address=127.0.0.1", f"--basic-auth={user}:{password}"]
-        proc = self._spawn("flower", argv, {"CLIPFLEET_BROKER": self.broker})
+        # Credentials travel in the environment (Flower reads FLOWER_<OPTION>), never on a command
+        # line, where `ps` shows them to every user of the machine.
+        argv = [sys.executable, "-m", "celery", "-A", "clipfleet.workers.app", "flower",
+                f"--port={port}", "--address=127.0.0.1"]
+        proc = self._spawn("flower", argv, {"CLIPFLEET_BROKER": self.broker,
+                                            "FLOWER_BASIC_AUTH": f"{user}:{password}"})
         self.flower_url, self.flower_auth = f"http://127.0.0.1:{port}", (user, password)
         _wait_for(lambda: _http_ok(f"{self.flower_url}/healthcheck"), "flower", 60, proc)
         return self.flower_url
@@ -175,13 +178,25 @@ def _http_ok(url: str) -> bool:
         return resp.status == 200
 
 
+def worker_env(broker: str) -> dict:
+    """Environment a worker process needs on top of ours.
+
+    REMAP_SIGTERM=SIGQUIT makes SIGTERM (what Kubernetes, docker stop and `Fleet.stop` send)
+    Celery's cold shutdown, which gives running tasks CLIPFLEET_SOFT_SHUTDOWN seconds and then
+    puts them back in their queue; without it SIGTERM waits for every running task to end,
+    and a pod's grace period runs out mid-task. Billiard reads it at import, hence the
+    environment rather than a setting."""
+    return {"CLIPFLEET_BROKER": broker, "REMAP_SIGTERM": "SIGQUIT"}
+
+
 def worker_argv(queues: list[str], broker: str, concurrency: int | None = None) -> list[str]:
     from clipfleet.workers.app import time_limits
     time_limits()  # refuse misordered limits here, with one line, not in a worker's traceback
     single = all(q in SINGLE_PROCESS_QUEUES for q in queues)
     concurrency = concurrency or (1 if single else os.cpu_count() or 1)
     node = f"{'+'.join(queues)}-{secrets.token_hex(3)}@{socket.gethostname()}"
-    return [sys.executable, "-m", "celery", "-A", "clipfleet.workers.app", "--broker", broker, "worker",
+    # The broker URL (it may hold a password) reaches the worker as CLIPFLEET_BROKER, not argv.
+    return [sys.executable, "-m", "celery", "-A", "clipfleet.workers.app", "worker",
             "-Q", ",".join(queues), "-n", node, "-P", "prefork", "-c", str(concurrency),
             "-E", "--without-gossip", "--loglevel", os.environ.get("CLIPFLEET_LOG_LEVEL", "INFO")]
 

@@ -1,47 +1,135 @@
-"""`clipfleet status`: shards done and failed per stage, with the counts their markers hold."""
+"""`clipfleet status`: per stage, shards expected / done / in flight / queued / recovered / dead,
+samples and samples/s, and every count the markers hold (nested groups included).
+
+With a broker (`--broker` or $CLIPFLEET_BROKER) it also looks at what the fleet holds, and
+recovers shards nobody holds (producer/recovery.py), as a following `clipfleet run` would:
+that is how a `--detach`ed run is looked after.
+"""
 from __future__ import annotations
 
 import json
-from collections import Counter
+import os
+import time
 
-from clipfleet.shared.pipeline import STAGES
+from clipfleet.producer import counts
+from clipfleet.producer.run import FirstTask, ProgressCache, progress, stages_of
+from clipfleet.shared.pipeline import STAGES, built_stages
+from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
 
 
-def collect(store: Store) -> dict:
-    stages = {}
-    for stage in STAGES:
-        markers = store.markers(stage)
-        dead = store.deadletters(stage)
-        if not markers and not dead:
-            continue
-        totals = Counter()
-        for m in markers:
-            totals.update({k: v for k, v in m.get("stats", {}).items() if isinstance(v, (int, float))})
-        stages[stage] = {
-            "done": len(markers),
-            "failed": len(dead),
+def first_from_store(store: Store, cfg: RunConfig) -> list[FirstTask]:
+    """The run's first tasks, from what is in the store (status writes nothing)."""
+    if cfg.input_kind == "wat":
+        return [FirstTask("extract", i, {"wat": uri}) for i, uri in enumerate(cfg.inputs)]
+    return [FirstTask("download", int(n[:-8]), {}) for n in store.list("urls") if n.endswith(".parquet")]
+
+
+def collect(store: Store, broker: str | None = None, recover: bool = True) -> dict:
+    cfg = RunConfig.load(store)
+    first = first_from_store(store, cfg)
+    stages = stages_of(cfg, set(STAGES))  # every stage of the run, built here or not
+    state = progress(store, stages, first, ProgressCache())
+    info = {"store": store.uri, "until": cfg.until, "input_kind": cfg.input_kind,
+            "inputs": len(cfg.inputs), "broker": None, "stages": {}}
+    holdings, sweeper = {}, None
+    if broker:
+        holdings, sweeper = _look_at_broker(store, state, first, broker, recover)
+        info["broker"] = {"url": _redacted(broker), "recover": recover}
+    for p in state:
+        markers = [store.marker(p.stage, n) or {} for n in sorted(p.done)]
+        dead = store.deadletters(p.stage)
+        recovered = counts_recovered(store, p.stage)
+        h = holdings.get(p.stage)
+        spans = [(m.get("started_at"), m.get("finished_at")) for m in markers
+                 if m.get("started_at") and m.get("finished_at")]
+        wall = max(f for _, f in spans) - min(s for s, _ in spans) if spans else 0.0
+        entry = {
+            "built": p.stage in built_stages(),
+            "expected": len(p.expected), "done": len(p.done), "failed": len(p.failed),
+            "dead": len(dead),
+            "in_flight": None if h is None else len(h.in_flight),
+            "queued": None if h is None else len(h.queued),
+            "recovered": sum(recovered.values()) + (sweeper.recovered[p.stage] if sweeper else 0),
+            "samples_expected": p.samples_expected, "samples_done": p.samples_done,
+            "samples_out": p.samples_out,
+            "samples_per_s": round(p.samples_done / wall, 1) if wall > 0 else None,
             "duration_s": round(sum(m.get("duration_s", 0) for m in markers), 1),
-            "totals": dict(sorted(totals.items())),
+            "totals": counts.totals(markers),
             "failures": [{"shard": d["shard"], "error": d.get("error")} for d in dead],
         }
-    return {"store": store.uri, "stages": stages}
+        if h is not None:
+            entry["in_flight_shards"] = sorted(h.in_flight)
+        info["stages"][p.stage] = entry
+    return info
 
 
-def run_status(store_uri: str, as_json: bool = False) -> int:
+def counts_recovered(store: Store, stage: str) -> dict[str, int]:
+    from clipfleet.producer.recovery import recovered_counts
+    return recovered_counts(store, stage)
+
+
+def _redacted(url: str) -> str:
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def _look_at_broker(store: Store, state, first, broker: str, recover: bool):
+    """(holdings per stage, sweeper). With `recover`, shards unheld now are looked at again
+    after the suspect time, and sent again if still nobody holds them."""
+    import redis
+    from clipfleet.producer.recovery import Sweeper
+    from clipfleet.producer.run import _done, _pending
+    from clipfleet.shared import leases
+    from clipfleet.workers.app import make_app
+    app, client = make_app(broker), redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
+    kwargs = {(t.stage, t.shard): t.kwargs for t in first}
+    sweeper = Sweeper(app, client, store, task_kwargs=lambda stage, shard: kwargs.get((stage, shard), {}))
+    built = set(built_stages())  # nobody serves the queue of a stage not built: nothing to send
+    pending = {stage: shards for stage, shards in _pending(state, first, None).items() if stage in built}
+    holdings = sweeper.sweep(pending, _done(state))
+    if recover and any(h.unheld for h in holdings.values()):
+        time.sleep(leases.suspect_s() + 0.5)
+        holdings = sweeper.sweep(pending, _done(state))
+    elif not recover:
+        sweeper.suspects.clear()
+    return holdings, sweeper
+
+
+def run_status(store_uri: str, as_json: bool = False, broker: str | None = None, recover: bool = True) -> int:
     store = Store(store_uri)
     if not store.exists("run.json"):
         print(f"clipfleet: error: {store_uri} holds no run (no run.json)")
         return 2
-    info = collect(store)
+    broker = broker or os.environ.get("CLIPFLEET_BROKER")
+    info = collect(store, broker, recover)
     if as_json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"store: {info['store']}")
+    print(f"store: {info['store']} (until {info['until']}, {info['inputs']} {info['input_kind']} inputs)")
+    if not broker:
+        print("(no --broker: in flight and queued unknown, nothing recovered)")
     for stage, s in info["stages"].items():
-        print(f"{stage:>9}: {s['done']} shards done, {s['failed']} failed, {s['duration_s']}s of work")
+        held = ("" if s["in_flight"] is None else f", {s['in_flight']} in flight, {s['queued']} queued")
+        line = (f"{stage:>9}: {s['done']}/{s['expected']} shards done{held}, {s['recovered']} recovered, "
+                f"{s['dead']} dead")
+        if not s["built"]:
+            line += " (stage not built in this fleet)"
+        print(line)
+        samples = f"{s['samples_done']}" + (f"/{s['samples_expected']}" if s["samples_expected"] is not None else "")
+        rate = f", {s['samples_per_s']} samples/s" if s["samples_per_s"] else ""
+        out = f", {s['samples_out']} out" if s["samples_out"] is not None else ""
+        print(f"{'':>11}samples: {samples} in{out}{rate}; {s['duration_s']}s of work")
         for key, value in s["totals"].items():
-            print(f"{'':>11}{key}: {value}")
+            if isinstance(value, dict):
+                print(f"{'':>11}{key}:")
+                for k, v in value.items():
+                    print(f"{'':>13}{k}: {v}")
+            else:
+                print(f"{'':>11}{key}: {value}")
         for f in s["failures"]:
-            print(f"{'':>11}failed shard {f['shard']}: {f['error']}")
+            print(f"{'':>11}dead shard {f['shard']}: {f['error']}")
     return 0

@@ -140,17 +140,18 @@ def execute(stage: Stage, store: Store, shard: int, **inputs) -> dict:
 
 # -- inside a worker ---------------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
-def _stage_instance(stage_cls: type[Stage], store_uri: str, created_at: float) -> Stage:
-    # One instance per process and run (a store reused for a new run has a new created_at), so
-    # models and clients load once, in the worker process.
+def _stage_instance(stage_cls: type[Stage], store_uri: str, revision: float) -> Stage:
+    # One instance per process and run revision (a store reused for a new run has a new
+    # created_at; a run taken further with a later --until has a new updated_at), so models
+    # and clients load once, in the worker process.
     return stage_cls(RunConfig.load(Store(store_uri)))
 
 
 def run_stage(stage_cls: type[Stage], store_uri: str, shard: int, **inputs) -> dict:
     """What every stage task does: run the stage once, then enqueue the next stage."""
     store = Store(store_uri)
-    created_at = store.read_json("run.json")["created_at"]  # one small read per task: which run
-    stage = _stage_instance(stage_cls, store_uri, created_at)
+    raw = store.read_json("run.json")  # one small read per task: which run, which revision
+    stage = _stage_instance(stage_cls, store_uri, raw.get("updated_at", raw["created_at"]))
     marker = execute(stage, store, shard, **inputs)
     enqueue_next(stage, store_uri, marker["next_shards"])
     return {"shard": shard, "stats": marker["stats"], "skipped": marker.get("skipped", False)}
@@ -164,5 +165,10 @@ def enqueue_next(stage: Stage, store_uri: str, shards: list[int]) -> None:
     if nxt not in TASK_MODULES:  # later stages are not built yet
         log.info("no %s stage in this fleet yet; %d shards stop after %s", nxt, len(shards), stage.name)
         return
-    for shard in shards:
-        app.send_task(task_name(nxt), args=(store_uri, shard))
+    try:
+        for shard in shards:
+            app.send_task(task_name(nxt), args=(store_uri, shard))
+    except Exception as exc:
+        # The shard is done (its marker is written); a retry of this task skips the stage and
+        # sends again. Were that lost too, the sweeper sends the next stage's shard itself.
+        raise TransientError(f"could not enqueue {nxt} for {len(shards)} shards: {exc}") from exc

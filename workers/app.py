@@ -9,11 +9,13 @@ import functools
 import importlib
 import logging
 import os
+import time
 
 from celery import Celery, Task, signals
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu import Queue
 
+from clipfleet.shared import leases
 from clipfleet.shared.pipeline import QUEUES, TASK_MODULES, TransientError
 from clipfleet.shared.storage import Store
 
@@ -32,6 +34,10 @@ def time_limits() -> tuple[int, int, int]:
         raise ValueError(
             f"time limits must satisfy soft < hard < visibility timeout, got {soft} / {hard} / {visibility}")
     return soft, hard, visibility
+
+
+def soft_shutdown_s() -> float:
+    return float(os.environ.get("CLIPFLEET_SOFT_SHUTDOWN", 30))
 
 
 def route(name, args, kwargs, options, task=None, **kw):
@@ -71,9 +77,14 @@ def make_app(broker: str | None = None) -> Celery:
         broker_transport_options={"visibility_timeout": visibility, "unacked_restore_throttle": 1},
         # Markers in the store are the results; a result backend would only grow.
         task_ignore_result=True,
-        # On SIGTERM running tasks get this long to finish before they are requeued.
-        worker_soft_shutdown_timeout=float(os.environ.get("CLIPFLEET_SOFT_SHUTDOWN", 30)),
-        worker_enable_soft_shutdown_on_idle=True,
+        # On SIGTERM running tasks get this long to finish, then are cancelled and go back to
+        # the queue (kombu restores a closing channel's unacked messages). This needs SIGTERM
+        # to mean Celery's cold shutdown: REMAP_SIGTERM=SIGQUIT in the worker's environment,
+        # which producer/fleet.py sets for every worker it starts. A plain SIGTERM is a warm
+        # shutdown that waits for running tasks however long they take.
+        worker_soft_shutdown_timeout=soft_shutdown_s(),
+        # An idle worker stops at once instead of sleeping out the soft shutdown time.
+        worker_enable_soft_shutdown_on_idle=False,
         # Flower needs task events.
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -96,10 +107,35 @@ class ShardTask(Task):
     and a dead-letter record in the store once a shard fails for good."""
 
     autoretry_for = (TransientError,)
-    max_retries = 5
-    retry_backoff = 5
+    max_retries = int(os.environ.get("CLIPFLEET_MAX_RETRIES", 5))
+    retry_backoff = int(os.environ.get("CLIPFLEET_RETRY_BACKOFF", 5))
     retry_backoff_max = 300
     retry_jitter = True
+
+    def retry(self, *args, **kwargs):
+        """Celery's retry, except that a retry which cannot be published is not dropped.
+
+        Celery turns a failed publish (broker away) into Reject(requeue=False), which acks the
+        message: the shard is lost. Here the publish is tried again for CLIPFLEET_RETRY_PUBLISH_S
+        (the broker usually comes back); after that the message is rejected *with* requeue,
+        and if even that cannot reach the broker it stays unacked in Redis, where the sweeper
+        finds it once this worker's lease on it has lapsed (shared/leases.py)."""
+        deadline = time.monotonic() + retry_publish_s()
+        delay = 0.5
+        while True:
+            try:
+                return super().retry(*args, **kwargs)
+            except Reject as rejected:
+                if rejected.requeue:
+                    raise
+                if time.monotonic() >= deadline:
+                    log.warning("%s %s: the retry could not be published (%s); requeueing it",
+                                self.name, self.request.args, rejected.reason)
+                    raise Reject(rejected.reason, requeue=True) from None
+                log.warning("%s %s: the retry could not be published (%s); trying again in %.1fs",
+                            self.name, self.request.args, rejected.reason, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         store_uri, shard = (list(args) + [kwargs.get("store_uri"), kwargs.get("shard")])[:2]
@@ -109,8 +145,15 @@ class ShardTask(Task):
             Store(store_uri).write_deadletter(stage, shard, {
                 "error": f"{reason}: {exc}", "task_id": task_id, "retries": self.request.retries,
                 "traceback": str(einfo)})
-        except Exception:  # the dead letter is best effort; the failure is already logged
+        except Exception:
+            # The message is acked regardless; the sweeper sees a shard that is neither done,
+            # dead-lettered nor queued and sends it again (counted as recovered).
             log.exception("could not write dead letter for %s %s", stage, shard)
+
+
+def retry_publish_s() -> float:
+    """How long a worker keeps trying to publish a retry before it requeues the task instead."""
+    return float(os.environ.get("CLIPFLEET_RETRY_PUBLISH_S", 60))
 
 
 def task_modules(queues) -> list[str]:
@@ -135,3 +178,45 @@ def broker_redis():
     """A client to the broker's Redis, for fleet-wide state (dedup claims, politeness)."""
     import redis
     return redis.Redis.from_url(app.conf.broker_url, socket_timeout=10, socket_connect_timeout=5)
+
+
+# -- shard leases (shared/leases.py): renewed from the worker's main process -------------------
+def held_shards() -> dict:
+    """{(store_uri, stage, shard): state} for every shard task this worker holds."""
+    from celery.worker import state
+    groups = (("scheduled", state.scheduled_requests), ("reserved", state.reserved_requests),
+              ("running", state.active_requests))
+    for _ in range(5):
+        try:  # the event loop changes these sets while we read them
+            held = {}
+            for name, requests in groups:
+                for req in tuple(requests):
+                    shard = leases.shard_of_task(req.name, req.args, req.kwargs)
+                    if shard is not None:
+                        held[shard] = name
+            return held
+        except RuntimeError:
+            time.sleep(0.01)
+    raise RuntimeError("worker state kept changing while reading it")
+
+
+_heartbeat: leases.Heartbeat | None = None
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender=None, **kw):
+    global _heartbeat
+    import redis
+    url = app.conf.broker_url
+    _heartbeat = leases.Heartbeat(
+        lambda: redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3),
+        held_shards, worker=f"{getattr(sender, 'hostname', None) or 'worker'}:{os.getpid()}")
+    _heartbeat.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(sender=None, **kw):
+    # No release on the way out: a cold shutdown requeues our unacked messages, and a lease
+    # left behind lapses within CLIPFLEET_LEASE_S.
+    if _heartbeat is not None:
+        _heartbeat.stop()

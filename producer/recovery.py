@@ -1,0 +1,259 @@
+"""The sweeper: shards nobody holds are sent again, so a run never waits on a lost task.
+
+A shard of a run is *pending* at a stage when it is expected there (a first task that was sent,
+or a shard the stage before handed on), has no marker and no dead letter. A pending shard is
+*in flight* while a worker holds a lease on it (shared/leases.py), *queued* while a message for
+it waits in its queue or was delivered moments ago, and otherwise *unheld*. A shard that stays
+unheld for CLIPFLEET_SUSPECT_S is recovered: the very message a dead worker left unacked is put
+back at the head of its queue, or, when no message exists at all (a retry Celery could not
+publish, an ack without a marker, a next stage never enqueued), the task is sent again.
+Stages skip a marked shard, so the rare double run this can cause is harmless.
+
+Bound: a shard held by a worker that died comes back within
+    lease lifetime (CLIPFLEET_LEASE_S, 20 s) + suspect time (CLIPFLEET_SUSPECT_S, 10 s)
+    + one sweep interval (CLIPFLEET_SWEEP_S, 5 s)  ~= 35 s,
+instead of the broker's visibility timeout (an hour). Each recovery is recorded in the store
+under _recovered/<stage>/<shard>.json; a shard recovered CLIPFLEET_MAX_RECOVERIES times (5)
+without finishing is dead-lettered, so a run ends, non-zero, naming it.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from clipfleet.shared import leases
+from clipfleet.shared.pipeline import QUEUES, task_name
+from clipfleet.shared.storage import Store, shard_name
+
+log = logging.getLogger("clipfleet.recovery")
+
+RECOVERED = "_recovered"
+PRIORITY_SEP = "\x06\x16"      # kombu's Redis transport: queue name + sep + priority
+PRIORITY_STEPS = (0, 3, 6, 9)
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
+
+
+def sweep_s() -> float:
+    return float(os.environ.get("CLIPFLEET_SWEEP_S", 5))
+
+
+def max_recoveries() -> int:
+    return int(os.environ.get("CLIPFLEET_MAX_RECOVERIES", 5))
+
+
+def recovery_bound_s() -> float:
+    return leases.lease_s() + leases.suspect_s() + sweep_s()
+
+
+# -- what the broker holds ----------------------------------------------------------------------
+def decode_message(raw) -> tuple[str, list, dict, dict] | None:
+    """(task name, args, kwargs, headers) of a kombu Redis message, or None if it is not a task."""
+    try:
+        payload = json.loads(raw)
+        headers = payload.get("headers") or {}
+        body = payload["body"]
+        if (payload.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, kwargs, _ = json.loads(body)
+        return headers.get("task", ""), args, kwargs, headers
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class Delivery:
+    tag: str
+    delivered_at: float
+    eta: str | None
+
+
+@dataclass
+class BrokerState:
+    queued: Counter = field(default_factory=Counter)          # (stage, shard) -> messages waiting
+    delivered: dict = field(default_factory=dict)             # (stage, shard) -> [Delivery]
+
+
+def broker_state(client, store_uri: str, stages: list[str]) -> BrokerState:
+    """Messages of this run waiting in the stages' queues, and deliveries not yet acked."""
+    state = BrokerState()
+    wanted = set(stages)
+    for queue in {QUEUES[s] for s in stages}:
+        for pri in PRIORITY_STEPS:
+            name = queue if not pri else f"{queue}{PRIORITY_SEP}{pri}"
+            for raw in client.lrange(name, 0, -1):
+                call = _shard_call(decode_message(raw), store_uri, wanted)
+                if call is not None:
+                    state.queued[call] += 1
+    index = dict(client.zrange(UNACKED_INDEX, 0, -1, withscores=True))
+    for tag, value in client.hgetall(UNACKED).items():
+        try:
+            raw, _exchange, _routing_key = json.loads(value)
+        except ValueError:
+            continue
+        decoded = decode_message(json.dumps(raw))
+        call = _shard_call(decoded, store_uri, wanted)
+        if call is not None:
+            state.delivered.setdefault(call, []).append(
+                Delivery(tag.decode() if isinstance(tag, bytes) else tag, index.get(tag, 0.0),
+                         decoded[3].get("eta")))
+    return state
+
+
+def _shard_call(decoded, store_uri: str, stages: set[str]):
+    if decoded is None:
+        return None
+    name, args, kwargs, _ = decoded
+    call = leases.shard_of_task(name, args, kwargs)
+    if call is None or call[0].rstrip("/") != store_uri.rstrip("/") or call[1] not in stages:
+        return None
+    return call[1], call[2]
+
+
+def restore_delivery(app, tag: str) -> None:
+    """Put one unacked message back at the head of its queue, as kombu does for a visibility
+    timeout, with kombu's own code (so priorities and routing stay right)."""
+    with app.connection_for_write() as conn:
+        conn.default_channel.qos.restore_by_tag(tag)
+
+
+def remove_delivery(client, tag: str) -> None:
+    """Forget an unacked delivery of a shard that is done: otherwise Redis hands it out again
+    after the visibility timeout, for a run that would only skip it."""
+    client.pipeline().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
+
+
+# -- the sweeper --------------------------------------------------------------------------------
+@dataclass
+class StageHolding:
+    in_flight: set[int] = field(default_factory=set)
+    queued: set[int] = field(default_factory=set)
+    unheld: set[int] = field(default_factory=set)
+    recovered: int = 0
+
+
+class Sweeper:
+    """Sweeps one run. `sweep(pending)` takes {stage: shards pending there} and returns, per
+    stage, what holds them; it re-sends what has been unheld for the suspect time.
+
+    `task_kwargs(stage, shard)` gives the kwargs a re-sent task needs (the WAT of an extract)."""
+
+    def __init__(self, app, client, store: Store, task_kwargs=lambda stage, shard: {}):
+        self.app, self.client, self.store = app, client, store
+        self.task_kwargs = task_kwargs
+        self.suspects: dict[tuple[str, int], float] = {}
+        self.recovered = Counter()    # stage -> recoveries by this sweeper
+        self.resumed = Counter()      # stage -> shards sent at once on resume
+        self.given_up: list[tuple[str, int]] = []
+        self.last_error: str | None = None
+
+    def sweep(self, pending: dict[str, set[int]], done: dict[str, set[int]] | None = None,
+              resume: bool = False, now: float | None = None) -> dict[str, StageHolding]:
+        """One pass. With `resume`, shards with no message anywhere are sent at once (a rerun
+        taking over a store), not after the suspect time."""
+        now = time.time() if now is None else now
+        stages = list(pending)
+        broker = broker_state(self.client, self.store.uri, stages)
+        out = {}
+        for stage in stages:
+            holding = out[stage] = StageHolding()
+            shards = sorted(pending[stage])
+            held = leases.read_leases(self.client, self.store.uri, stage, shards)
+            for shard in shards:
+                key = (stage, shard)
+                deliveries = broker.delivered.get(key, [])
+                if shard in held:
+                    holding.in_flight.add(shard)
+                elif broker.queued[key] or any(now - d.delivered_at < leases.suspect_s() or _eta_ahead(d, now)
+                                               for d in deliveries):
+                    holding.queued.add(shard)
+                else:
+                    holding.unheld.add(shard)
+                    first = self.suspects.setdefault(key, now)
+                    immediate = resume and not deliveries
+                    if immediate or now - first >= leases.suspect_s():
+                        self._recover(stage, shard, deliveries, now, resumed=immediate)
+                        holding.recovered += 1
+                    continue
+                self.suspects.pop(key, None)
+            for shard in (done or {}).get(stage, set()):
+                for d in broker.delivered.get((stage, shard), []):
+                    if now - d.delivered_at >= leases.suspect_s() and shard not in held:
+                        remove_delivery(self.client, d.tag)
+        for key in [k for k in self.suspects if k[1] not in pending.get(k[0], ())]:
+            del self.suspects[key]
+        return out
+
+    def _recover(self, stage: str, shard: int, deliveries: list[Delivery], now: float,
+                 resumed: bool) -> None:
+        # One sweeper at a time per shard (`run` and `status` may both be sweeping).
+        claim = f"clipfleet:recovering:{leases.run_key(self.store.uri)}:{stage}:{shard}"
+        if not self.client.set(claim, "1", nx=True, px=int(leases.suspect_s() * 1000)):
+            return
+        self.suspects.pop((stage, shard), None)
+        record = self.store_record(stage, shard) or {"stage": stage, "shard": shard, "events": []}
+        if not resumed and len(record["events"]) >= max_recoveries():
+            self.store.write_deadletter(stage, shard, {
+                "error": f"recovered {len(record['events'])} times and never finished; "
+                         "see the worker logs for why", "recovered": record["events"]})
+            self.given_up.append((stage, shard))
+            log.error("%s %s: recovered %d times without finishing; dead-lettered",
+                      stage, shard, len(record["events"]))
+            return
+        if deliveries:
+            newest = max(deliveries, key=lambda d: d.delivered_at)
+            restore_delivery(self.app, newest.tag)
+            for d in deliveries:
+                if d is not newest:
+                    remove_delivery(self.client, d.tag)
+            how = "put its unacked message back in the queue"
+        else:
+            self.app.send_task(task_name(stage), args=(self.store.uri, shard),
+                               kwargs=self.task_kwargs(stage, shard))
+            how = "sent the task again"
+        if resumed:
+            self.resumed[stage] += 1
+            log.info("%s %s: resuming (%s)", stage, shard, how)
+            return
+        self.recovered[stage] += 1
+        log.warning("%s %s: held by no live worker; %s", stage, shard, how)
+        record["events"].append({"at": now, "how": how})
+        try:
+            self.store.write_json(recovered_path(stage, shard), record)
+        except Exception as exc:  # the count is a record; the shard is already back
+            log.warning("could not record the recovery of %s %s: %s", stage, shard, exc)
+
+    def store_record(self, stage: str, shard: int) -> dict | None:
+        try:
+            return self.store.read_json(recovered_path(stage, shard))
+        except FileNotFoundError:
+            return None
+
+
+def _eta_ahead(d: Delivery, now: float) -> bool:
+    # A retry waiting for its countdown is held by the worker that took it (leased), but a
+    # lease renewal can trail the delivery by a heartbeat; never sweep before its ETA.
+    if not d.eta:
+        return False
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(d.eta).timestamp() + leases.suspect_s() > now
+    except ValueError:
+        return False
+
+
+def recovered_path(stage: str, shard) -> str:
+    return f"{RECOVERED}/{stage}/{shard_name(shard)}.json"
+
+
+def recovered_counts(store: Store, stage: str) -> dict[str, int]:
+    """Shard name -> times recovered, from the store's records."""
+    out = {}
+    for name in store.list(f"{RECOVERED}/{stage}"):
+        if name.endswith(".json"):
+            out[name[:-5]] = len(store.read_json(f"{RECOVERED}/{stage}/{name}").get("events", []))
+    return out
