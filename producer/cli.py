@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from clipfleet.producer.argparsing import Parser, parse_args
 from clipfleet.producer.fleet import FleetError, check_broker, parse_queues, start_fleet, state_dir
 from clipfleet.producer.run import RunError
 from clipfleet.shared.options import add_flags, from_args
@@ -24,10 +25,9 @@ def cmd_up(args) -> int:
     if args.store:
         from clipfleet.producer.run import check_store
         check_store(args.store)
-    key = args.store or "up"
-    logs = state_dir(key) / "logs"
+    logs = state_dir(args.store) / "logs"
     logs.mkdir(exist_ok=True)
-    fleet = start_fleet(queues, broker=args.broker, store_key=key, flower=True,
+    fleet = start_fleet(queues, broker=args.broker, store_key=args.store, flower=True,
                         flower_port=args.flower_port, log_dir=logs, concurrency=args.concurrency)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -79,7 +79,7 @@ def run_config_from_args(args, store_uri: str) -> RunConfig:
         from clipfleet.producer.urls import input_columns
         for uri in inputs:
             input_columns(uri, sections["input"].url_col, sections["input"].caption_col)
-    return RunConfig(store=store_uri, inputs=inputs, input_kind=kind, until=args.until, **sections)
+    return RunConfig(store=store_uri, inputs=inputs, input_kind=kind, until=args.until or STAGES[-1], **sections)
 
 
 def checked_blocklist(blocklist: str) -> str:
@@ -101,6 +101,9 @@ def cmd_run(args) -> int:
         check_broker(args.broker)
     store = runlib.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
+    if args.until and args.until not in built_stages():  # asked for by name: say so, do not stop short
+        raise RunError(f"the {args.until} stage is not built yet; built: {', '.join(built_stages())} "
+                       f"(use --until {built_stages()[-1]})")
     stages = runlib.stages_of(cfg, set(built_stages()))
     if STAGES.index(cfg.until) >= STAGES.index("tag"):  # a head that cannot tag this run's embeddings fails here, before run.json
         from clipfleet.workers.tag.plan import prepare
@@ -187,7 +190,7 @@ def cmd_plan(args) -> int:
 
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipfleet", description=(
+    p = Parser(prog="clipfleet", description=(
         "Turn Common Crawl into a curated, searchable image-text dataset with a Celery fleet."))
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -216,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--store", required=True, help="where the run writes: a directory or s3://bucket/prefix")
     rn.add_argument("--broker", help="Redis URL of a running fleet (default: start an embedded fleet for this run)")
     rn.add_argument("--detach", action="store_true", help="enqueue and exit (needs --broker); follow with `clipfleet status`")
-    rn.add_argument("--until", choices=STAGES, default="index", help="stop after this stage (default: index)")
+    rn.add_argument("--until", choices=STAGES, help="stop after this stage (default: index, or the last stage "
+                                                    "built so far); a stage not built yet is an error")
     for name, cls in SECTIONS.items():
         add_flags(rn, cls, TITLES[name])
     rn.set_defaults(func=cmd_run)
@@ -293,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

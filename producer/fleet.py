@@ -71,10 +71,22 @@ def find_redis_server() -> str:
                          "install redis-server or pass --broker URL") from exc
 
 
-def state_dir(key: str) -> Path:
-    """A per-store directory for the embedded Redis's data, so a resumed run keeps its
-    fleet-wide state (dedup claims) after the embedded server was stopped."""
+def canonical_store(uri: str) -> str:
+    """A store as one string however it was typed: a local path absolute with its links resolved
+    (so `--store demo-store` in two checkouts names two stores, and `./s` and `s/` one), a URI
+    with its scheme in lower case and no trailing slash."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and scheme.lower() != "file":
+        return f"{scheme.lower()}://{rest.rstrip('/')}"
+    return str(Path(rest if sep else uri).expanduser().resolve())
+
+
+def state_dir(store: str | None) -> Path:
+    """A per-store directory for the embedded Redis's data and logs, so a resumed run keeps its
+    fleet-wide state (dedup claims) after the embedded server was stopped; keyed by the
+    canonical store. `None`: a fleet started without a store (`clipfleet up`)."""
     base = Path(os.environ.get("CLIPFLEET_STATE_DIR", Path.home() / ".cache" / "clipfleet"))
+    key = "up" if store is None else canonical_store(store)
     d = base / "redis" / hashlib.sha256(key.encode()).hexdigest()[:16]
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -201,7 +213,7 @@ def worker_argv(queues: list[str], broker: str, concurrency: int | None = None) 
             "-E", "--without-gossip", "--loglevel", os.environ.get("CLIPFLEET_LOG_LEVEL", "INFO")]
 
 
-def start_fleet(queues: list[str], broker: str | None = None, store_key: str = "default",
+def start_fleet(queues: list[str], broker: str | None = None, store_key: str | None = None,
                 flower: bool = True, flower_port: int | None = None, log_dir: Path | None = None,
                 concurrency: int | None = None) -> Fleet:
     """One worker per queue on `broker` (an embedded Redis when None), and Flower."""

@@ -92,8 +92,12 @@ def _list_models(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from clipfleet.sandbox.evaluate import evaluate_model, print_report
+    from clipfleet.sandbox.evaluate import EvaluationError, evaluate_model, print_report
 
-    print_report(evaluate_model(args.model, per_class=args.per_class, seed=args.seed,
-                                device=args.device))
+    try:
+        result = evaluate_model(args.model, per_class=args.per_class, seed=args.seed, device=args.device)
+    except EvaluationError as exc:  # a name, a file or a device that is not there: one line, no traceback
+        print(f"clipfleet: error: {exc}", file=sys.stderr)
+        return 2
+    print_report(result)
     return 0

@@ -8,6 +8,7 @@ tag heads, their accuracy and ROC AUC on the same sample.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,10 +154,52 @@ def evaluate_loaded(model, preprocess, tokenizer, heads=None, per_class: int = 1
     return result
 
 
+class EvaluationError(RuntimeError):
+    """The model or device asked for is not there; the message says which and what to pass."""
+
+
+# What a checkpoint file's name ends with: such a name is a path, never an open_clip name.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name that cannot be a model before any loading starts: none given, a path (a
+    checkpoint's file name, or a name starting ./ / ~) to nothing, alone or as ARCH/path, or a
+    checkpoint file without the architecture load_clip needs with it."""
+    if not name.strip():
+        raise EvaluationError("no model name given: pass --model shapes, an open_clip 'ARCH/pretrained' "
+                              "name, or a local path")
+    bare = name.startswith((".", "/", "~")) or os.path.exists(name)
+    path = name if bare or "/" not in name else name.split("/", 1)[1]  # ARCH/checkpoint
+    if (path.lower().endswith(CHECKPOINT_SUFFIXES) or path.startswith((".", "/", "~"))) \
+            and not os.path.exists(os.path.expanduser(path)):
+        raise EvaluationError(f"model file {path} does not exist")
+    if bare and os.path.isfile(os.path.expanduser(name)):
+        raise EvaluationError(f"{name} is a checkpoint file: name its open_clip architecture too, "
+                              f"as ARCH/{name} (e.g. ViT-B-32/{name})")
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise EvaluationError(f"unknown device {device!r}: {exc}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"device {device} is not available on this machine (no CUDA GPU); use --device cpu")
+    return chosen
+
+
 def evaluate_model(name: str, per_class: int = 10, seed: int = 12345, device: str = "cpu") -> dict:
     from clipfleet.shared.models import ModelNotAvailable, load_clip, load_tag_heads
 
-    model, preprocess, tokenizer = load_clip(name, device=device)
+    check_model_name(name)
+    check_device(device)
+    try:
+        model, preprocess, tokenizer = load_clip(name, device=device)
+    except ModelNotAvailable as exc:
+        raise EvaluationError(str(exc)) from exc
+    except Exception as exc:  # a file that is there but is no checkpoint open_clip can read
+        raise EvaluationError(f"model {name} could not be loaded: {exc.__class__.__name__}: {exc}") from exc
     try:
         heads = load_tag_heads(name)
     except ModelNotAvailable:

@@ -95,3 +95,74 @@ def test_every_flag_and_argument_has_help():
             elif not action.help and action.dest != "help":
                 yield " ".join(path + [action.option_strings[0] if action.option_strings else action.dest])
     assert list(missing(build_parser(), ["clipfleet"])) == []
+
+
+def test_an_unknown_flag_names_the_close_ones_in_one_line():
+    result = clipfleet("run", "--wat", "x", "--store", "/tmp/x", "--threads", "4")
+    line = one_error_line(result)
+    assert "unknown flag --threads" in line and "--download-threads" in line
+    assert len(result.stderr.splitlines()) == 1 and "usage:" not in result.stderr
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["run", "--wat", "x", "--store", "/tmp/x", "--shard-sise", "4"], "did you mean --shard-size?"),
+    (["statsu", "--store", "x"], "did you mean status?"),
+    (["run", "--wat", "x", "--store", "/tmp/x", "--until", "embd"], "did you mean embed?"),
+    (["run", "--store", "/tmp/x"], "one of the arguments --wat --crawl --urls is required"),
+    (["run", "--wat", "x", "--store", "/tmp/x", "stray"], "unexpected argument: stray"),
+])
+def test_argument_errors_are_one_line_with_a_hint(args, hint):
+    result = clipfleet(*args)
+    line = one_error_line(result)
+    assert result.returncode == 2 and hint in line and "--help" in line
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_until_a_stage_not_built_says_so_and_fails(tmp_path, monkeypatch, capsys):
+    """Stages get built during the project's life, so "not built" is made here: only extract
+    and download are, in this process."""
+    from clipfleet.producer import cli
+    from clipfleet.shared import pipeline
+    monkeypatch.setattr(pipeline, "TASK_MODULES", {s: m for s, m in pipeline.TASK_MODULES.items()
+                                                   if s in ("extract", "download")})
+    wat = tmp_path / "a.warc.wat.gz"
+    wat.write_bytes(b"")
+    store = tmp_path / "store"
+    assert cli.main(["run", "--wat", str(wat), "--store", str(store), "--until", "embed"]) == 2
+    err = capsys.readouterr().err
+    assert "the embed stage is not built yet" in err and "use --until download" in err
+    assert not (store / "run.json").exists()  # refused before the run was registered
+
+
+@pytest.mark.parametrize("model, message", [
+    ("nope.pt", "model file nope.pt does not exist"),
+    ("", "no model name given"),
+    ("nope", "unknown model 'nope'"),
+])
+def test_models_eval_errors_are_one_line(model, message):
+    line = one_error_line(clipfleet("models", "eval", "--model", model))
+    assert message in line
+
+
+def test_models_eval_names_what_is_wrong_with_a_path(tmp_path):
+    from clipfleet.sandbox.evaluate import EvaluationError, check_device, check_model_name
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(EvaluationError, match="does not exist"):
+        check_model_name(f"ViT-B-32/{tmp_path}/missing.pt")
+    with pytest.raises(EvaluationError, match="does not exist"):
+        check_model_name("./missing-folder")
+    with pytest.raises(EvaluationError, match=f"as ARCH/{checkpoint}"):
+        check_model_name(str(checkpoint))
+    check_model_name(f"ViT-B-32/{checkpoint}")  # the form load_clip takes a file in
+    check_model_name("shapes")
+    check_model_name(str(tmp_path))  # a folder
+    with pytest.raises(EvaluationError, match="unknown device"):
+        check_device("bogus")
+
+
+def test_models_eval_of_a_file_that_is_no_checkpoint(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"not a checkpoint")
+    line = one_error_line(clipfleet("models", "eval", "--model", f"ViT-B-32/{checkpoint}"))
+    assert "could not be loaded" in line
