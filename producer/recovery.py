@@ -134,6 +134,7 @@ class StageHolding:
     queued: set[int] = field(default_factory=set)
     unheld: set[int] = field(default_factory=set)
     recovered: int = 0
+    progress: dict[int, int] = field(default_factory=dict)   # in-flight shard -> samples handled so far
 
 
 class Sweeper:
@@ -172,28 +173,31 @@ class Sweeper:
                                                for d in deliveries):
                     holding.queued.add(shard)
                 else:
-                    holding.unheld.add(shard)
                     first = self.suspects.setdefault(key, now)
                     immediate = resume and not deliveries
-                    if immediate or now - first >= leases.suspect_s():
-                        self._recover(stage, shard, deliveries, now, resumed=immediate)
+                    if (immediate or now - first >= leases.suspect_s()) and \
+                            self._recover(stage, shard, deliveries, now, resumed=immediate):
                         holding.recovered += 1
+                        holding.queued.add(shard)  # back in its queue now
+                    else:
+                        holding.unheld.add(shard)
                     continue
                 self.suspects.pop(key, None)
+            holding.progress = leases.read_progress(self.client, self.store.uri, stage, holding.in_flight)
             for shard in (done or {}).get(stage, set()):
                 for d in broker.delivered.get((stage, shard), []):
-                    if now - d.delivered_at >= leases.suspect_s() and shard not in held:
+                    if now - d.delivered_at >= leases.suspect_s():
                         remove_delivery(self.client, d.tag)
         for key in [k for k in self.suspects if k[1] not in pending.get(k[0], ())]:
             del self.suspects[key]
         return out
 
     def _recover(self, stage: str, shard: int, deliveries: list[Delivery], now: float,
-                 resumed: bool) -> None:
+                 resumed: bool) -> bool:
         # One sweeper at a time per shard (`run` and `status` may both be sweeping).
         claim = f"clipfleet:recovering:{leases.run_key(self.store.uri)}:{stage}:{shard}"
         if not self.client.set(claim, "1", nx=True, px=int(leases.suspect_s() * 1000)):
-            return
+            return False
         self.suspects.pop((stage, shard), None)
         record = self.store_record(stage, shard) or {"stage": stage, "shard": shard, "events": []}
         if not resumed and len(record["events"]) >= max_recoveries():
@@ -203,7 +207,7 @@ class Sweeper:
             self.given_up.append((stage, shard))
             log.error("%s %s: recovered %d times without finishing; dead-lettered",
                       stage, shard, len(record["events"]))
-            return
+            return False
         if deliveries:
             newest = max(deliveries, key=lambda d: d.delivered_at)
             restore_delivery(self.app, newest.tag)
@@ -218,7 +222,7 @@ class Sweeper:
         if resumed:
             self.resumed[stage] += 1
             log.info("%s %s: resuming (%s)", stage, shard, how)
-            return
+            return True
         self.recovered[stage] += 1
         log.warning("%s %s: held by no live worker; %s", stage, shard, how)
         record["events"].append({"at": now, "how": how})
@@ -226,6 +230,7 @@ class Sweeper:
             self.store.write_json(recovered_path(stage, shard), record)
         except Exception as exc:  # the count is a record; the shard is already back
             log.warning("could not record the recovery of %s %s: %s", stage, shard, exc)
+        return True
 
     def store_record(self, stage: str, shard: int) -> dict | None:
         try:

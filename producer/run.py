@@ -274,11 +274,15 @@ def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, 
                                        + "; ".join(f"{s}: {', '.join(v)}" for s, v in left.items() if v))
             for p in state:
                 h = holdings.get(p.stage)
+                running = 0
                 if h is not None:
-                    p.in_flight, p.queued = h.in_flight, h.queued
+                    p.in_flight, p.queued = h.in_flight & {int(x) for x in p.expected - p.done}, h.queued
+                    running = sum(v for k, v in h.progress.items() if k in p.in_flight)
                 p.recovered = sweeper.recovered[p.stage] if sweeper is not None else 0
                 bar = bars[p.stage]
                 total, n, unit = _bar_counts(p)
+                if unit == "sample":  # samples handled inside shards still running
+                    n = min(n + running, total) if total is not None else n + running
                 if bar.unit != unit or p.stage not in started:
                     bar.reset(total=total)  # what was done before this command is no part of its rate
                     bar.unit, bar.initial, bar.n = unit, n, n

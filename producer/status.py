@@ -50,7 +50,8 @@ def collect(store: Store, broker: str | None = None, recover: bool = True) -> di
             "dead": len(dead),
             "in_flight": None if h is None else len(h.in_flight),
             "queued": None if h is None else len(h.queued),
-            "recovered": sum(recovered.values()) + (sweeper.recovered[p.stage] if sweeper else 0),
+            # The store's records include what this command recovered just now.
+            "recovered": max(sum(recovered.values()), sweeper.recovered[p.stage] if sweeper else 0),
             "samples_expected": p.samples_expected, "samples_done": p.samples_done,
             "samples_out": p.samples_out,
             "samples_per_s": round(p.samples_done / wall, 1) if wall > 0 else None,

@@ -49,6 +49,19 @@ def lease_key(store_uri: str, stage: str, shard) -> str:
     return f"{PREFIX}:{run_key(store_uri)}:{stage}:{int(shard)}"
 
 
+def progress_key(store_uri: str, stage: str, shard) -> str:
+    """Samples a running shard has handled so far (shared/pipeline.Stats.advance)."""
+    return f"clipfleet:progress:{run_key(store_uri)}:{stage}:{int(shard)}"
+
+
+def read_progress(client, store_uri: str, stage: str, shards) -> dict[int, int]:
+    shards = sorted(shards)
+    if not shards:
+        return {}
+    values = client.mget([progress_key(store_uri, stage, s) for s in shards])
+    return {s: int(v) for s, v in zip(shards, values) if v is not None}
+
+
 def shard_of_task(name: str, args, kwargs) -> tuple[str, str, int] | None:
     """(store_uri, stage, shard) of a shard task's call, or None for anything else."""
     if not name.startswith("clipfleet.") or name.startswith("clipfleet.selfcheck."):

@@ -64,10 +64,27 @@ class Stats:
 
     `add("below_threshold")` counts a reason; `add("private address", under="refused")` counts
     it inside a group, which `status` shows nested. `put(name, value)` records a value
-    (a duration, samples/s) that is not summed as a count."""
+    (a duration, samples/s) that is not summed as a count.
 
-    def __init__(self):
+    `advance(n)` says n more input samples were handled; while the shard runs, `clipfleet run`
+    and `status` show that (a shard of 10 000 samples is not stuck at 0 for minutes)."""
+
+    REPORT_EVERY_S = 1.0
+
+    def __init__(self, on_progress=None):
         self._data: dict = {}
+        self._on_progress = on_progress
+        self._advanced = 0
+        self._reported_at = 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self._advanced += n
+        if self._on_progress is not None and time.monotonic() - self._reported_at >= self.REPORT_EVERY_S:
+            self._reported_at = time.monotonic()
+            try:
+                self._on_progress(self._advanced)
+            except Exception as exc:  # progress is a display; the shard goes on without it
+                log.debug("progress report failed: %s", exc)
 
     def add(self, reason: str, n: int = 1, under: str | None = None) -> None:
         target = self._data.setdefault(under, {}) if under else self._data
@@ -116,14 +133,14 @@ class Stage:
         raise NotImplementedError
 
 
-def execute(stage: Stage, store: Store, shard: int, **inputs) -> dict:
+def execute(stage: Stage, store: Store, shard: int, *, on_progress=None, **inputs) -> dict:
     """Run `stage` on `shard` once: a shard already marked done is not run again."""
     done = store.marker(stage.name, shard)
     if done is not None:
         log.info("%s %s: already done, skipping", stage.name, shard)
         return {**done, "skipped": True}
     started = time.time()
-    stats = Stats()
+    stats = Stats(on_progress)
     with store.staging() as out:
         result = stage.run(store, shard, out, stats, **inputs)
         next_shards = [shard] if result.next_shards is None else list(result.next_shards)
@@ -152,9 +169,17 @@ def run_stage(stage_cls: type[Stage], store_uri: str, shard: int, **inputs) -> d
     store = Store(store_uri)
     raw = store.read_json("run.json")  # one small read per task: which run, which revision
     stage = _stage_instance(stage_cls, store_uri, raw.get("updated_at", raw["created_at"]))
-    marker = execute(stage, store, shard, **inputs)
+    marker = execute(stage, store, shard, on_progress=_progress_reporter(store_uri, stage.name, shard), **inputs)
     enqueue_next(stage, store_uri, marker["next_shards"])
     return {"shard": shard, "stats": marker["stats"], "skipped": marker.get("skipped", False)}
+
+
+def _progress_reporter(store_uri: str, stage: str, shard: int):
+    """Samples handled so far in a running shard, into Redis for `run` and `status` to show."""
+    from clipfleet.shared.leases import progress_key
+    from clipfleet.workers.app import broker_redis
+    key = progress_key(store_uri, stage, shard)
+    return lambda n: broker_redis().set(key, n, ex=600)
 
 
 def enqueue_next(stage: Stage, store_uri: str, shards: list[int]) -> None:

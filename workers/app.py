@@ -11,6 +11,8 @@ import logging
 import os
 import time
 
+import kombu.exceptions
+import redis.exceptions
 from celery import Celery, Task, signals
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu import Queue
@@ -106,7 +108,10 @@ class ShardTask(Task):
     """Base for shard tasks: bounded retries with backoff for transient errors only,
     and a dead-letter record in the store once a shard fails for good."""
 
-    autoretry_for = (TransientError,)
+    # A lost connection to Redis (the broker, politeness, dedup claims) is transient wherever
+    # it is raised: a Redis restart must not dead-letter the shards in flight.
+    autoretry_for = (TransientError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                     kombu.exceptions.OperationalError)
     max_retries = int(os.environ.get("CLIPFLEET_MAX_RETRIES", 5))
     retry_backoff = int(os.environ.get("CLIPFLEET_RETRY_BACKOFF", 5))
     retry_backoff_max = 300
