@@ -8,22 +8,29 @@
   drips one byte a second cannot hold a thread past it. Waiting for a polite turn does not
   count against it.
 - A byte limit is checked on Content-Length and again while reading.
-- Each request takes a per-host slot from the fleet-wide DomainLimiter; Retry-After on 429
-  and 503 is shared with the whole fleet through it. Only transient failures are retried.
-- X-Robots-Tag noai / noimageai (for everyone or for our token) means the image is not used.
+- Each request takes a per-host slot from the fleet-wide DomainLimiter and tells it how the
+  host answered (latency, refusal, error), which is what paces the host (politeness.py).
+- A 429 or 503 pauses the host for its Retry-After across the fleet; the image is asked again
+  after the pause as long as its deadline allows (the pause is charged to it), without using
+  up its retries. Other transient failures get `download_retries` more attempts.
+- robots.txt is checked for every hop before it is requested (robots.py); the robots.txt
+  itself is fetched through this same guard, deadline and size limit.
+- X-Robots-Tag noai / noimageai (for everyone or for our token) means the image is not used:
+  checked when the headers arrive, so the body of an opted-out image is never read.
 - Each thread keeps a few connections alive after a complete response, reused only for an
   address the guard passes again for the next request.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import re
 import socket
 import ssl
 import threading
 import time
-from contextlib import nullcontext
+from collections import Counter
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Callable
@@ -33,11 +40,19 @@ from clipfleet.shared import __version__
 from clipfleet.workers.download import http1
 from clipfleet.workers.download.options import DownloadOptions
 from clipfleet.workers.download.guard import AddressRefused, Resolver, checked_addresses
-from clipfleet.workers.download.politeness import HostHeldOff
+from clipfleet.workers.download.politeness import ERROR, NONE, OK, THROTTLED, HostHeldOff
+
+log = logging.getLogger("clipfleet.download")
 
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 # Worth asking again later: overload, gateway trouble, rate limiting, request timeout.
 TRANSIENT_CODES = {408, 425, 429, 500, 502, 503, 504}
+# The host says it is over capacity: pause it fleet-wide, slow it, ask again after the pause.
+THROTTLE_CODES = {429, 503}
+DEFAULT_HOLD_S = 1.0  # a 429/503 without a Retry-After still pauses the host this long
+MAX_THROTTLED_ATTEMPTS = 30  # with pauses of at least DEFAULT_HOLD_S, beyond any sane deadline anyway
+# RFC 9309 2.5: a crawler parses at least the first 500 KiB of a robots.txt; the rest is cut.
+ROBOTS_MAX_BYTES = 500 * 1024
 PRODUCT = "clipfleet"
 IDLE_PER_THREAD = 4  # kept-alive connections per fetching thread
 # A host's checked addresses are reused this long: image hosts repeat within a shard, and a
@@ -55,11 +70,13 @@ Connector = Callable[[tuple[str, int], float], socket.socket]
 
 
 class FetchFailed(Exception):
-    """Final outcome for a URL that gave no image. `refused` names a deliberate refusal."""
+    """Final outcome for a URL that gave no image. `refused` names a deliberate refusal;
+    `host_trouble` marks a timeout or refused connection, which slows the host's pace."""
 
-    def __init__(self, message: str, refused: str | None = None):
+    def __init__(self, message: str, refused: str | None = None, host_trouble: bool = False):
         super().__init__(message)
         self.refused = refused
+        self.host_trouble = host_trouble
 
 
 class _StaleConnection(Exception):
@@ -81,11 +98,26 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
-def user_agent(token: str | None) -> str:
-    """Says who we are and how to tell us no; the token lets operators name their crawl."""
+class _Throttled(_Transient):
+    """429 or 503: the host is over capacity; `retry_after` is how long it asked us to pause."""
+
+
+@dataclass(frozen=True)
+class RobotsAnswer:
+    """The final response to a robots.txt request: its status, and its body on a 200."""
+    status: int
+    body: bytes
+    truncated: bool = False
+
+
+def user_agent(token: str | None, robots_txt: bool = True) -> str:
+    """Says who we are and how to tell us no; the token lets operators name their crawl.
+
+    `clipfleet` is the product token a robots.txt group names (User-agent: clipfleet)."""
     if token is not None and (not token.isprintable() or not token.isascii()):
         raise ValueError(f"the user agent token must be printable ASCII, got {token!r}")
-    ua = f"Mozilla/5.0 (compatible; {PRODUCT}/{__version__}; image-text dataset downloader; honours X-Robots-Tag noai"
+    honours = "robots.txt and X-Robots-Tag noai" if robots_txt else "X-Robots-Tag noai"
+    ua = f"Mozilla/5.0 (compatible; {PRODUCT}/{__version__}; image-text dataset downloader; honours {honours}"
     return f"{ua}; {token})" if token else f"{ua})"
 
 
@@ -146,50 +178,85 @@ class Budget:
 
 
 class Fetcher:
-    max_redirects = 5
+    max_redirects = 5  # RFC 9309 asks for at least five for robots.txt; images get the same
     retry_backoff = 0.5  # first backoff in seconds; doubles per attempt
 
     def __init__(self, opts: DownloadOptions, limiter=None, resolver: Resolver = socket.getaddrinfo,
                  connect: Connector = socket.create_connection,
-                 url_blocked: Callable[[str], bool] = lambda url: False):
+                 url_blocked: Callable[[str], bool] = lambda url: False, robots=None):
         self.opts = opts
         self.limiter = limiter
         self.resolver = resolver
         self.connect = connect
         self.url_blocked = url_blocked
-        self._header_block = (f"User-Agent: {user_agent(opts.user_agent_token)}\r\n"
+        ua = user_agent(opts.user_agent_token, robots_txt=not opts.ignore_robots_txt)
+        self._header_block = (f"User-Agent: {ua}\r\n"
                               "Accept: image/*,*/*;q=0.5\r\nAccept-Encoding: identity\r\n\r\n").encode("latin-1")
+        self._robots_header_block = (f"User-Agent: {ua}\r\n"
+                                     "Accept: text/plain,*/*;q=0.5\r\nAccept-Encoding: identity\r\n\r\n").encode("latin-1")
         self._idle = _IdleConnections()
         self._addresses: dict[tuple[str, int], tuple[float, list[str] | str]] = {}  # -> (expiry, addrs or refusal)
         self.tokens = {PRODUCT} | ({opts.user_agent_token.strip().lower()} if opts.user_agent_token else set())
         self.disallowed = {d.strip().lower() for d in opts.disallowed_header_directives}
+        if robots is None and not opts.ignore_robots_txt:
+            from clipfleet.workers.download.robots import RobotsRules
+            robots = RobotsRules(self, getattr(limiter, "redis", None), opts)
+        if opts.ignore_robots_txt:
+            log.warning("robots.txt is IGNORED in this run (--ignore-robots-txt): site operators' "
+                        "robots.txt rules are not fetched or obeyed; X-Robots-Tag opt-outs, the "
+                        "blocklist and the address guard still hold")
+        self.robots = robots  # None: robots.txt ignored (--ignore-robots-txt)
+        self.counts: Counter = Counter()  # politeness events, read by the stage as deltas
+        self._counts_lock = threading.Lock()
+
+    def count(self, name: str, n: float = 1) -> None:
+        with self._counts_lock:
+            self.counts[name] += n
 
     def fetch(self, url: str) -> bytes:
         """The body of the image at `url`, or FetchFailed with a message that says why not."""
+        return self._fetch(url, robots_txt=False)
+
+    def fetch_robots(self, url: str) -> RobotsAnswer:
+        """The robots.txt at `url` (redirects followed), or FetchFailed when it is unreachable."""
+        return self._fetch(url, robots_txt=True)
+
+    def _fetch(self, url: str, robots_txt: bool):
         budget = Budget(self.opts.download_timeout)
-        for attempt in range(self.opts.download_retries + 1):
+        attempt = throttled = 0
+        max_hold = self.limiter.limits.max_hold_off if self.limiter is not None else budget.total
+        while True:
             try:
-                return self._follow(url, budget)
+                return self._follow(url, budget, robots_txt)
+            except _Throttled as exc:
+                throttled += 1
+                self.count("throttled")
+                pause = exc.retry_after if exc.retry_after is not None else DEFAULT_HOLD_S
+                if pause > max_hold:
+                    raise FetchFailed(str(exc)) from None
+                if pause >= budget.left() or throttled >= MAX_THROTTLED_ATTEMPTS:
+                    raise FetchFailed(f"{exc} (no time left to retry)") from None
+                # The host's pause is this image's wait: it counts against its deadline. With a
+                # limiter, the hold-off is in Redis and the next slot waits for it.
+                budget.spent += pause
+                if self.limiter is None:
+                    time.sleep(pause)
+                self.count("throttled_retries")
             except _Transient as exc:
                 if attempt == self.opts.download_retries:
                     raise FetchFailed(str(exc)) from None
-                if exc.retry_after is not None and self.limiter is not None:
-                    if exc.retry_after > self.limiter.limits.max_hold_off:
-                        raise FetchFailed(str(exc)) from None
-                    continue  # the host's hold-off is in the limiter; the next slot waits for it
-                pause = exc.retry_after if exc.retry_after is not None else \
-                    self.retry_backoff * 2 ** attempt * random.uniform(0.8, 1.2)
+                pause = self.retry_backoff * 2 ** attempt * random.uniform(0.8, 1.2)
+                attempt += 1
                 if pause >= budget.left():
                     raise FetchFailed(f"{exc} (no time left to retry)") from None
                 time.sleep(pause)
                 budget.spent += pause
-        raise AssertionError("unreachable")
 
-    def _follow(self, url: str, budget: Budget) -> bytes:
+    def _follow(self, url: str, budget: Budget, robots_txt: bool):
         seen = {url}
         for _ in range(self.max_redirects + 1):
-            location = self._request(url, budget)
-            if isinstance(location, bytes):
+            location = self._request(url, budget, robots_txt)
+            if not isinstance(location, str):
                 return location
             nxt = urljoin(url, location)
             if nxt in seen:
@@ -198,8 +265,8 @@ class Fetcher:
             url = nxt
         raise FetchFailed(f"too many redirects (more than {self.max_redirects})")
 
-    def _request(self, url: str, budget: Budget) -> bytes | str:
-        """One hop: the body on 200, the Location on a redirect; raises otherwise."""
+    def _request(self, url: str, budget: Budget, robots_txt: bool):
+        """One hop: the body on 200 (a RobotsAnswer for robots.txt), the Location on a redirect."""
         if self.url_blocked(url):
             raise FetchFailed("blocklisted url", refused="blocklist url")
         parts = urlsplit(url)
@@ -216,12 +283,34 @@ class Fetcher:
         except ValueError:
             raise FetchFailed(f"unsupported url: bad port in {url[:200]}") from None
         addrs = self._checked_addresses(host, port)
+        if not robots_txt and self.robots is not None:
+            self.robots.check(parts.scheme, host, port, url)  # fetches the host's robots.txt once
+        if self.limiter is None:
+            return self._exchange(parts, host, port, addrs, budget, robots_txt)[0]
         try:
-            slot = self.limiter.slot(host) if self.limiter is not None else nullcontext()
-            with slot:
-                return self._exchange(parts, host, port, addrs, budget)
+            token = self.limiter.acquire(host)
         except HostHeldOff as exc:
             raise FetchFailed(str(exc)) from None
+        outcome, latency, retry_after = NONE, 0.0, None
+        try:
+            result, latency = self._exchange(parts, host, port, addrs, budget, robots_txt)
+            outcome = OK
+            return result
+        except _Throttled as exc:
+            outcome = THROTTLED
+            retry_after = exc.retry_after if exc.retry_after is not None else DEFAULT_HOLD_S
+            raise
+        except _Transient:
+            outcome = ERROR
+            raise
+        except FetchFailed as exc:
+            if exc.host_trouble:
+                outcome = ERROR
+            elif exc.refused == "x-robots-tag":
+                outcome = OK  # the host answered well; we chose not to read on
+            raise
+        finally:
+            self.limiter.release(host, token, outcome, latency, retry_after)
 
     def _checked_addresses(self, host: str, port: int) -> list[str]:
         """The host's addresses, all checked by the guard; refusals are cached too, failures not."""
@@ -242,15 +331,18 @@ class Fetcher:
             raise FetchFailed(cached[1], refused="private address")
         return cached[1]
 
-    def _exchange(self, parts, host: str, port: int, addrs: list[str], budget: Budget) -> bytes | str:
-        """One request and response, on this thread's idle connection to the host when it has one."""
+    def _exchange(self, parts, host: str, port: int, addrs: list[str], budget: Budget, robots_txt: bool):
+        """One request and response, on this thread's idle connection to the host when it has one.
+
+        Returns (what _outcome made of the response, the host's latency to its headers)."""
         if budget.left() <= 0:
-            raise FetchFailed(budget.timeout_message())
+            raise FetchFailed(budget.timeout_message(), host_trouble=True)
         target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=TARGET_SAFE)
         default_port = 443 if parts.scheme == "https" else 80
         authority = (f"[{host}]" if ":" in host else host) + ("" if port == default_port else f":{port}")
-        request = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s" % (target.encode("ascii"), authority.encode("ascii"),
-                                                          self._header_block)
+        request = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s" % (
+            target.encode("ascii"), authority.encode("ascii"),
+            self._robots_header_block if robots_txt else self._header_block)
         key = (parts.scheme, host, port)
         started = time.monotonic()
         deadline = started + budget.left()
@@ -260,13 +352,13 @@ class Fetcher:
                 addr, sock = idle
                 if addr in addrs:  # still an address the guard just passed
                     try:
-                        return self._exchange_on(sock, addr, key, request, deadline, budget, reused=True)
+                        return self._exchange_on(sock, addr, key, request, deadline, budget, True, robots_txt)
                     except _StaleConnection:
                         pass  # the server closed it while it sat idle: ask on a fresh one
                 else:
                     sock.close()
             addr, sock = self._open(parts.scheme, host, port, addrs, deadline, budget)
-            return self._exchange_on(sock, addr, key, request, deadline, budget, reused=False)
+            return self._exchange_on(sock, addr, key, request, deadline, budget, False, robots_txt)
         finally:
             budget.spent += time.monotonic() - started
 
@@ -286,7 +378,7 @@ class Fetcher:
                 return addr, http1.tls_handshake(sock, tls_context(), host, deadline)
             except http1.Timeout:
                 sock.close()
-                raise FetchFailed(budget.timeout_message()) from None
+                raise FetchFailed(budget.timeout_message(), host_trouble=True) from None
             except ssl.SSLCertVerificationError as exc:  # asking again gets the same certificate
                 sock.close()
                 raise FetchFailed(f"tls error: {exc.verify_message or exc}") from None
@@ -294,17 +386,22 @@ class Fetcher:
                 sock.close()
                 raise _Transient(f"connection error: {exc.__class__.__name__}: {exc}") from None
         if isinstance(last, (socket.timeout, TimeoutError)):
-            raise FetchFailed(budget.timeout_message())
+            raise FetchFailed(budget.timeout_message(), host_trouble=True)
         if isinstance(last, ConnectionRefusedError):
-            raise FetchFailed(f"connection refused: {host}:{port}")
+            raise FetchFailed(f"connection refused: {host}:{port}", host_trouble=True)
         raise _Transient(f"connection error: {last.__class__.__name__}: {last}")
 
     def _exchange_on(self, sock: socket.socket, addr: str, key: tuple, request: bytes, deadline: float,
-                     budget: Budget, reused: bool) -> bytes | str:
+                     budget: Budget, reused: bool, robots_txt: bool):
         keep = False
+        sent = time.monotonic()
         try:
             try:
-                response = http1.exchange(sock, request, deadline, self.opts.max_image_bytes)
+                if robots_txt:
+                    response = http1.exchange(sock, request, deadline, ROBOTS_MAX_BYTES, truncate=True)
+                else:
+                    response = http1.exchange(sock, request, deadline, self.opts.max_image_bytes,
+                                              on_headers=self._check_opt_out)
             except http1.Closed as exc:
                 if reused and exc.fresh:
                     raise _StaleConnection() from None
@@ -314,7 +411,7 @@ class Fetcher:
                     raise _StaleConnection() from None
                 raise _Transient(f"connection error: {exc.__class__.__name__}: {exc}") from None
             except http1.Timeout:
-                raise FetchFailed(budget.timeout_message()) from None
+                raise FetchFailed(budget.timeout_message(), host_trouble=True) from None
             except http1.TooLarge as exc:
                 raise FetchFailed(str(exc)) from None
             except http1.ProtocolError as exc:
@@ -322,7 +419,8 @@ class Fetcher:
             except OSError as exc:
                 raise _Transient(f"connection error: {exc.__class__.__name__}: {exc}") from None
             keep = response.keep_alive
-            return self._outcome(response, key[1])
+            latency = (response.headers_at or time.monotonic()) - sent
+            return self._outcome(response, robots_txt), latency
         finally:
             if keep:
                 self._keep_idle(key, addr, sock)
@@ -335,7 +433,14 @@ class Fetcher:
         while len(conns) > IDLE_PER_THREAD:  # the oldest goes: hosts repeat soon or not at all
             conns.pop(next(iter(conns)))[1].close()
 
-    def _outcome(self, response: http1.Response, host: str) -> bytes | str:
+    def _check_opt_out(self, response: http1.Response) -> None:
+        """Called as a 200's headers arrive: an opt-out ends the exchange before the body is read."""
+        directive = robots_refusal(response.header_values("X-Robots-Tag"), self.tokens, self.disallowed)
+        if directive:
+            self.count("opt_out_before_body")
+            raise FetchFailed(f"disallowed by X-Robots-Tag: {directive}", refused="x-robots-tag")
+
+    def _outcome(self, response: http1.Response, robots_txt: bool):
         """The body of a 200, the Location of a redirect; raises for anything else."""
         status, reason = response.status, response.reason
         if status in REDIRECT_CODES:
@@ -343,15 +448,14 @@ class Fetcher:
             if not location:
                 raise FetchFailed(f"redirect {status} without a Location")
             return location
-        if status in TRANSIENT_CODES:
-            retry_after = retry_after_seconds(response.header("Retry-After")) if status in (429, 503) else None
-            if retry_after is not None and self.limiter is not None:
-                self.limiter.hold_off(host, retry_after)
+        if status in THROTTLE_CODES:
+            retry_after = retry_after_seconds(response.header("Retry-After"))
             hint = f" (retry after {retry_after:g}s)" if retry_after is not None else ""
-            raise _Transient(f"http {status} {reason}{hint}", retry_after)
+            raise _Throttled(f"http {status} {reason}{hint}", retry_after)
+        if status in TRANSIENT_CODES:
+            raise _Transient(f"http {status} {reason}")
+        if robots_txt:
+            return RobotsAnswer(status, response.body if status == 200 else b"", response.truncated)
         if status != 200:
             raise FetchFailed(f"http {status} {reason}")
-        directive = robots_refusal(response.header_values("X-Robots-Tag"), self.tokens, self.disallowed)
-        if directive:
-            raise FetchFailed(f"disallowed by X-Robots-Tag: {directive}", refused="x-robots-tag")
         return response.body

@@ -12,6 +12,7 @@ import select
 import socket
 import ssl
 import time
+from typing import Callable
 
 import httptools
 
@@ -45,7 +46,7 @@ class Response:
     """What the parser reports for one response; the callbacks are httptools' protocol."""
 
     __slots__ = ("status", "reason", "headers", "chunks", "size", "length", "started", "headers_done",
-                 "complete", "keep_alive", "_parser")
+                 "headers_at", "complete", "keep_alive", "truncated", "_parser")
 
     def __init__(self):
         self._start()
@@ -59,7 +60,8 @@ class Response:
         self.chunks: list[bytes] = []
         self.size = 0
         self.length: int | None = None
-        self.headers_done = self.complete = self.keep_alive = False
+        self.headers_done = self.complete = self.keep_alive = self.truncated = False
+        self.headers_at = 0.0  # monotonic time the final headers were complete (the host's latency)
 
     def header(self, name: str) -> str | None:
         values = self.header_values(name)
@@ -95,6 +97,7 @@ class Response:
     def on_headers_complete(self):
         self.status = self._parser.get_status_code()
         self.headers_done = True
+        self.headers_at = time.monotonic()
 
     def on_body(self, data: bytes):
         self.size += len(data)
@@ -133,9 +136,13 @@ def tls_handshake(sock: socket.socket, context: ssl.SSLContext, server_hostname:
             wait_ready(tls, True, deadline)
 
 
-def exchange(sock: socket.socket, request: bytes, deadline: float, max_bytes: int) -> Response:
+def exchange(sock: socket.socket, request: bytes, deadline: float, max_bytes: int,
+             on_headers: Callable[[Response], None] | None = None, truncate: bool = False) -> Response:
     """Send `request` and read the response: its body only on a 200.
 
+    `on_headers(response)` is called once the headers of a 200 are in, before any more of the
+    body is read: it raises to stop there (an opt-out needs no body). With `truncate`, a body
+    over `max_bytes` is cut there (`response.truncated`) instead of raising TooLarge.
     The socket is non-blocking: a read is tried first and waited for (up to the deadline)
     only when nothing is there, one system call instead of a poll before every read.
     The connection may be reused iff `response.keep_alive`."""
@@ -144,6 +151,7 @@ def exchange(sock: socket.socket, request: bytes, deadline: float, max_bytes: in
     _send_all(sock, request, deadline)
     response = Response()
     head_bytes = 0
+    checked = on_headers is None
     while not response.complete:
         try:
             data = sock.recv(RECV_BYTES)
@@ -178,11 +186,25 @@ def exchange(sock: socket.socket, request: bytes, deadline: float, max_bytes: in
             # connection unused) unless it came whole with the headers.
             response.keep_alive = response.keep_alive and response.complete
             return response
-        if response.length is not None and response.length > max_bytes:
+        if not checked:
+            checked = True
+            on_headers(response)
+        if truncate and response.size > max_bytes:
+            _cut(response, max_bytes)
+            return response
+        if response.length is not None and response.length > max_bytes and not truncate:
             raise TooLarge(f"too large: Content-Length {response.length} is over {max_bytes} bytes")
         if response.size > max_bytes:
             raise TooLarge(f"too large: more than {max_bytes} bytes")
     return response
+
+
+def _cut(response: Response, max_bytes: int) -> None:
+    """Keep the first `max_bytes` of the body; the rest of the connection is never read."""
+    body = response.body[:max_bytes]
+    response.chunks, response.size = [body], len(body)
+    response.truncated = response.complete = True
+    response.keep_alive = False
 
 
 def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:

@@ -47,8 +47,13 @@ class DownloadOptions:
                                "empty for none")
     domain_max_concurrency: int = option(16, "requests in flight per host across the fleet, 0 for no limit",
                                          check=_not_negative)
-    domain_max_rate: float = option(20.0, "requests per second per host across the fleet, 0 for no limit",
-                                    check=_not_negative)
+    domain_max_rate: float = option(0.0, "an explicit cap on requests per second per host across the fleet, "
+                                         "on top of the adaptive pace; 0 for none", check=_not_negative)
+    ignore_robots_txt: bool = option(False, "do not fetch or obey robots.txt (logged as a warning by every "
+                                            "download worker); X-Robots-Tag opt-outs still hold")
+    robots_also: list[str] = option([], "robots.txt user-agent groups obeyed besides clipfleet's (each "
+                                        "falling back to *), comma list, e.g. CCBot for URLs from Common Crawl",
+                                    metavar="TOKENS")
     blocklist: str | None = option(None, "file or URI of URLs and md5/sha256 digests (one a line) never stored",
                                    metavar="FILE")
 
@@ -58,3 +63,4 @@ class DownloadOptions:
             raise ValueError("for png, --encode-quality is the compression level, 0 to 9")
         self.disallowed_header_directives = [d.strip().lower() for d in self.disallowed_header_directives
                                              if d.strip()]
+        self.robots_also = [t.strip().lower() for t in self.robots_also if t.strip()]

@@ -6,6 +6,8 @@ mapped by an injected resolver, and a connect hook records every connection atte
 from __future__ import annotations
 
 import socket
+import ssl
+import threading
 
 import pytest
 import redis
@@ -13,9 +15,12 @@ import redis
 from clipfleet.sandbox.server import METADATA_ADDRESS, METADATA_HOST
 from clipfleet.workers.download.guard import AddressRefused, address_kind, checked_addresses
 from clipfleet.workers.download.blocklist import Blocklist
+from clipfleet.workers.download import fetch
 from clipfleet.workers.download.fetch import FetchFailed, Fetcher, robots_refusal, user_agent
 from clipfleet.workers.download.options import DownloadOptions
 from clipfleet.workers.download.politeness import DomainLimiter, DomainLimits
+from tests.workers.download.scripted import (read_request, replies, serve,  # noqa: F401 (serve: a fixture)
+                                             tls_files_in, tls_server_script)
 
 
 def resolver_mapping(names: dict[str, str]):
@@ -124,13 +129,18 @@ def test_no_retry_for_404_or_an_opt_out_and_bounded_retries_for_5xx(recording_se
         assert len(recording_server.requests) == (3 if path == "/overloaded" else 1), path
 
 
-def test_retry_after_is_shared_with_the_whole_fleet(recording_server, redis_url):
+def test_a_503_is_retried_after_the_pause_while_the_deadline_allows_and_shared_with_the_fleet(
+        recording_server, redis_url):
     client = redis.Redis.from_url(redis_url)
     limits = DomainLimits(max_concurrency=4, max_rate=0, slot_ttl=30, max_hold_off=60)
-    fetcher = Fetcher(DownloadOptions(allow_private_addresses=True, download_retries=1), DomainLimiter(client, limits))
-    with pytest.raises(FetchFailed, match="503"):
+    fetcher = Fetcher(DownloadOptions(allow_private_addresses=True, download_retries=0, download_timeout=2.5),
+                      DomainLimiter(client, limits))
+    with pytest.raises(FetchFailed, match="503 .*no time left to retry"):
         fetcher.fetch(recording_server.url + "/unavailable")
-    assert len(recording_server.requests) == 2  # asked again once, after the hold-off
+    # Retry-After: 1 each time, charged to a 2.5 s deadline: asked at 0, 1 and 2 s, not limited
+    # by download_retries (0), which is for other transient failures.
+    assert len(recording_server.requests) == 3
+    assert fetcher.counts["throttled"] == 3 and fetcher.counts["throttled_retries"] == 2
     # A Retry-After beyond what we wait for fails at once, and holds the host off for every worker.
     recording_server.requests.clear()
     with pytest.raises(FetchFailed, match="429 .*retry after 3600s"):
@@ -183,3 +193,65 @@ def test_a_host_name_that_cannot_go_into_a_header_is_refused_before_resolving(ur
     with pytest.raises(FetchFailed, match="unsupported url: bad host name"):
         fetcher.fetch(url)
     assert resolved == []
+
+
+# -- over scripted servers: connection reuse, the request as sent, TLS
+
+def test_fetcher_reuses_a_kept_alive_connection_and_recovers_from_a_stale_one(serve):
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+    server = serve(replies(ok, ok, then_close=True))  # two answers, then it closes the connection
+    fetcher = Fetcher(DownloadOptions(allow_private_addresses=True, download_retries=0))
+    url = f"http://127.0.0.1:{server.port}/a.jpg"
+    assert [fetcher.fetch(url) for _ in range(3)] == [b"abc"] * 3
+    assert server.connections == 2  # the third request found the kept one closed, asked on a new one
+
+
+def test_fetcher_sends_the_host_and_our_headers(serve):
+    seen = []
+
+    def script(conn):
+        seen.append(read_request(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+    server = serve(script)
+    Fetcher(DownloadOptions(allow_private_addresses=True)).fetch(f"http://127.0.0.1:{server.port}/p?q=1")
+    head = seen[0].decode()
+    assert head.startswith("GET /p?q=1 HTTP/1.1\r\n")
+    assert f"\r\nHost: 127.0.0.1:{server.port}\r\n" in head and "User-Agent: Mozilla/5.0 (compatible; clipfleet/" in head
+
+
+def test_a_token_that_could_inject_headers_is_refused():
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Fetcher(DownloadOptions(user_agent_token="me\r\nX-Evil: 1"))
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    return tls_files_in(tmp_path)
+
+
+def test_https_is_verified_and_fetched(serve, tls_files, monkeypatch):
+    server = serve(tls_server_script(*tls_files, b"secure"))
+    url = f"https://127.0.0.1:{server.port}/i.jpg"
+    fetcher = Fetcher(DownloadOptions(allow_private_addresses=True, download_retries=0))
+    with pytest.raises(FetchFailed, match="tls error: .*certificate"):
+        fetcher.fetch(url)  # self-signed: not trusted by the system's store
+    trusting = ssl.create_default_context(cafile=str(tls_files[0]))
+    monkeypatch.setattr(fetch, "tls_context", lambda: trusting)
+    assert fetcher.fetch(url) == b"secure"
+
+
+def test_a_silent_tls_peer_fails_at_the_deadline(serve):
+    hung_up = threading.Event()
+    release = threading.Event()
+
+    def silent(conn):  # accepts, never says a word, hangs up only when the test is done
+        release.wait(60)
+        hung_up.set()
+    server = serve(silent)
+    fetcher = Fetcher(DownloadOptions(allow_private_addresses=True, download_timeout=0.5, download_retries=0))
+    try:
+        with pytest.raises(FetchFailed, match="timeout: no complete response within 0.5s"):
+            fetcher.fetch(f"https://127.0.0.1:{server.port}/i.jpg")
+        assert not hung_up.is_set()  # the fetcher gave up on its own deadline, not when the peer left
+    finally:
+        release.set()

@@ -1,0 +1,177 @@
+"""robots.txt (RFC 9309), fetched once per host for the whole fleet and obeyed before any request.
+
+- Fetched through the Fetcher itself: the same address guard, deadline and politeness slot,
+  redirects followed (up to five), the body cut at 500 KiB (RFC 9309 2.5), parsed by Protego
+  (Scrapy's parser: wildcards, `$`, longest match wins, allow wins ties).
+- The groups obeyed: clipfleet's (the user agent's product token), the first word of
+  --user-agent-token when it is a token, and every --robots-also token (CCBot: the URLs came
+  from its crawl, and an operator who shut CCBot out may not know our name); each falls back
+  to `*` when the file has no group for it. A URL is disallowed when any of them disallows it.
+- 2xx: the rules; 4xx: no rules (everything allowed, RFC 9309 2.3.1.3); 5xx, 429, a timeout or
+  a connection failure: unreachable, so everything is disallowed for a while (2.3.1.4) and
+  asked again after ERROR_TTL_S.
+- Cached fleet-wide in Redis (zlib-compressed text, TTL_S, RFC 9309 asks for at most 24 h) and
+  parsed per process in a bounded LRU. One worker fetches a host's robots.txt while the others
+  wait for its answer (a Redis lock with an expiry, so a worker dying mid-fetch blocks no one).
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+import zlib
+from collections import OrderedDict
+
+from protego import Protego
+
+from clipfleet.workers.download.fetch import PRODUCT, FetchFailed
+from clipfleet.workers.download.options import DownloadOptions
+
+PREFIX = "clipfleet:robots"
+TTL_S = 24 * 3600
+ERROR_TTL_S = 600.0
+LOCAL_ENTRIES = 20_000  # parsed files kept per process
+LOCAL_TTL_S = 3600.0    # a process asks Redis again after this, so a re-fetch reaches everyone
+TOKEN = re.compile(r"[a-z_-]+")  # what RFC 9309 allows in a product token
+
+
+class _AllowAll:
+    """No rules (4xx, or an empty file)."""
+    def refusal(self, url: str, tokens: list[str]) -> str | None:
+        return None
+
+
+class _DisallowAll:
+    """robots.txt unreachable: nothing may be fetched until it is asked again."""
+    def __init__(self, why: str):
+        self.why = why
+
+    def refusal(self, url: str, tokens: list[str]) -> str | None:
+        return f"robots.txt unreachable ({self.why}): every URL of the host disallowed for now (RFC 9309)"
+
+
+class _Rules:
+    def __init__(self, text: str):
+        self.parsed = Protego.parse(text)
+
+    def refusal(self, url: str, tokens: list[str]) -> str | None:
+        for token in tokens:
+            if not self.parsed.can_fetch(url, token):
+                return f"disallowed by robots.txt (for {token})"
+        return None
+
+
+def _decode(payload: bytes):
+    kind, rest = payload[:1], payload[1:]
+    if kind == b"A":
+        return _AllowAll()
+    if kind == b"D":
+        return _DisallowAll(rest.decode("utf-8", "replace"))
+    return _Rules(zlib.decompress(rest).decode("utf-8", "replace"))
+
+
+def obeyed_tokens(opts: DownloadOptions) -> list[str]:
+    tokens = [PRODUCT]
+    if opts.user_agent_token:
+        first = opts.user_agent_token.strip().split()[0].strip(";,").lower() if opts.user_agent_token.strip() else ""
+        if TOKEN.fullmatch(first) and first not in tokens:
+            tokens.append(first)
+    return tokens + [t for t in opts.robots_also if t not in tokens]
+
+
+class RobotsRules:
+    def __init__(self, fetcher, redis_client, opts: DownloadOptions, prefix: str = PREFIX,
+                 ttl_s: float = TTL_S, error_ttl_s: float = ERROR_TTL_S):
+        self.fetcher = fetcher
+        self.redis = redis_client  # None: a process-local cache only (a Fetcher used on its own)
+        self.tokens = obeyed_tokens(opts)
+        self.prefix = prefix
+        self.ttl_s, self.error_ttl_s = ttl_s, error_ttl_s
+        self.wait_s = opts.download_timeout + 5  # for another worker's fetch, then we fetch ourselves
+        self._local: OrderedDict[str, tuple[float, object]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._authority_locks: dict[str, threading.Lock] = {}
+
+    def check(self, scheme: str, host: str, port: int, url: str) -> None:
+        """Raise FetchFailed (refused "robots.txt" or "robots.txt unreachable") unless `url` may be fetched."""
+        why = self.rules(scheme, host, port).refusal(url, self.tokens)
+        if why:
+            self.fetcher.count("robots_refusals")
+            kind = "robots.txt unreachable" if why.startswith("robots.txt unreachable") else "robots.txt"
+            raise FetchFailed(why, refused=kind)
+
+    def rules(self, scheme: str, host: str, port: int):
+        authority = f"{scheme}://{host}:{port}"
+        found = self._cached(authority)
+        if found is not None:
+            return found
+        with self._lock:
+            lock = self._authority_locks.setdefault(authority, threading.Lock())
+        with lock:  # one thread of this process asks; the others find its answer cached
+            found = self._cached(authority)
+            if found is None:
+                found, ttl = self._shared(authority, scheme, host, port)
+                with self._lock:
+                    self._local[authority] = (time.monotonic() + min(ttl, LOCAL_TTL_S), found)
+                    while len(self._local) > LOCAL_ENTRIES:
+                        self._local.popitem(last=False)
+        with self._lock:
+            if len(self._authority_locks) > LOCAL_ENTRIES:
+                self._authority_locks = {a: l for a, l in self._authority_locks.items() if l.locked()}
+        return found
+
+    def _cached(self, authority: str):
+        with self._lock:
+            entry = self._local.get(authority)
+            if entry is None:
+                return None
+            if entry[0] <= time.monotonic():
+                del self._local[authority]
+                return None
+            self._local.move_to_end(authority)
+            return entry[1]
+
+    def _shared(self, authority: str, scheme: str, host: str, port: int):
+        """From Redis, or fetched by this worker (holding the fleet's lock for this host)."""
+        if self.redis is None:
+            rules, _, ttl = self._fetch(scheme, host, port)
+            return rules, ttl
+        key, lock_key = f"{self.prefix}:{authority}", f"{self.prefix}:lock:{authority}"
+        give_up = time.monotonic() + self.wait_s
+        while True:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                payload, ttl_ms = pipe.execute()
+            if payload is not None:
+                return _decode(payload), max(1.0, ttl_ms / 1000)
+            if time.monotonic() > give_up or self.redis.set(lock_key, b"1", nx=True, px=int(self.wait_s * 1000)):
+                break
+            time.sleep(0.05)  # another worker is fetching it
+        try:
+            rules, payload, ttl = self._fetch(scheme, host, port)
+            self.redis.set(key, payload, px=int(ttl * 1000))
+        finally:
+            self.redis.delete(lock_key)
+        return rules, ttl
+
+    def _fetch(self, scheme: str, host: str, port: int):
+        """(rules, payload for Redis, ttl s) from one request for the host's robots.txt."""
+        default = 443 if scheme == "https" else 80
+        netloc = (f"[{host}]" if ":" in host else host) + ("" if port == default else f":{port}")
+        started = time.monotonic()
+        try:
+            answer = self.fetcher.fetch_robots(f"{scheme}://{netloc}/robots.txt")
+        except FetchFailed as exc:
+            why = str(exc)[:200]
+            return _DisallowAll(why), b"D" + why.encode(), self.error_ttl_s
+        finally:
+            self.fetcher.count("robots_fetches")
+            self.fetcher.count("robots_seconds", time.monotonic() - started)
+        if 200 <= answer.status < 300:
+            text = answer.body.decode("utf-8", "replace")
+            return _Rules(text), b"R" + zlib.compress(text.encode("utf-8"), 6), self.ttl_s
+        if 400 <= answer.status < 500:
+            return _AllowAll(), b"A", self.ttl_s
+        why = f"http {answer.status}"
+        return _DisallowAll(why), b"D" + why.encode(), self.error_ttl_s
