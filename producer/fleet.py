@@ -164,8 +164,13 @@ class Fleet:
     def dead(self) -> list[str]:
         return [name for name, p in self.procs if p.poll() is not None]
 
-    def stop(self, grace: float = 40.0) -> None:
-        """SIGTERM every child group (workers first, Redis last), then SIGKILL stragglers."""
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM every child group (workers first, Redis last), then SIGKILL stragglers.
+
+        A worker gets its soft-shutdown time and 10 s more (ops/recovery.md)."""
+        if grace is None:
+            from clipfleet.workers.app import soft_shutdown_s
+            grace = soft_shutdown_s() + 10
         ordered = [p for p in self.procs if p[0] != "redis"] + [p for p in self.procs if p[0] == "redis"]
         for name, proc in ordered:
             _signal_group(proc, signal.SIGTERM)

@@ -73,9 +73,9 @@ def make_app(broker: str | None = None) -> Celery:
         task_soft_time_limit=soft,
         task_time_limit=hard,
         # Redis redelivers an unacked task after this; it must outlast the hard limit, or a
-        # running task would be handed to a second worker.
-        # The sweep that hands back a dead worker's unacked tasks runs every ~10 s rather than
-        # kombu's default ~100 s; the scan is one sorted-set range query.
+        # running task would be handed to a second worker. It is only the last resort: a dead
+        # worker's tasks come back through the leases and the sweeper (shared/leases.py) in
+        # about 35 s. The throttle makes kombu check for overdue tasks on every poll.
         broker_transport_options={"visibility_timeout": visibility, "unacked_restore_throttle": 1},
         # Markers in the store are the results; a result backend would only grow.
         task_ignore_result=True,
