@@ -22,11 +22,13 @@ class FakeFetcher:
     def __init__(self, redis_down_on: str | None = None):
         self.redis_down_on = redis_down_on
         self.fetched: list[str] = []
+        self.threads: set[threading.Thread] = set()  # the threads that fetched
         self.lock = threading.Lock()
 
     def fetch(self, url: str) -> bytes:
         with self.lock:
             self.fetched.append(url)
+            self.threads.add(threading.current_thread())
         if url == self.redis_down_on:
             raise RedisConnectionError("redis went away")
         time.sleep(0.001)
@@ -36,6 +38,7 @@ class FakeFetcher:
 def test_every_sample_is_fetched_once_and_written_in_order(tmp_path):
     urls = [f"http://example.com/{i}.jpg" for i in range(300)]
     pool = FetchPool(7)
+    fetched_by = []
     for shard in range(3):  # the same threads serve shard after shard
         fetcher = FakeFetcher()
         stats = Stats()
@@ -43,7 +46,12 @@ def test_every_sample_is_fetched_once_and_written_in_order(tmp_path):
                        Blocklist.load(None), pool, 300, stats)
         assert sorted(fetcher.fetched) == sorted(urls)
         assert stats.get("count") == 300 and stats.get("failed_to_download") == 300
-    assert sum(t.name.startswith("download-") for t in threading.enumerate()) >= 7
+        fetched_by.append(fetcher.threads)
+    # This pool's own threads, not the caller and not new ones per shard (other tests' pools
+    # are alive too, so counting threads by name would prove nothing).
+    threads = set().union(*fetched_by)
+    assert threading.current_thread() not in threads
+    assert 1 < len(threads) <= 7 and all(t.is_alive() and t.name.startswith("download-") for t in threads)
 
 
 @pytest.mark.timeout(30)
