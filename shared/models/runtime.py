@@ -108,8 +108,15 @@ class Encoder:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device, dtype=getattr(torch, _DTYPES[precision]))
 
+    def _own_threads(self) -> None:
+        # torch's thread count is per process; another encoder (or a floor bench) may have moved it.
+        import torch
+        if self.device == "cpu" and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
     def images(self, pixels, precision: str | None = None):
         import torch
+        self._own_threads()
         with torch.inference_mode(), self._autocast(precision):
             out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return torch.nn.functional.normalize(out.float(), dim=-1)
@@ -119,6 +126,7 @@ class Encoder:
 
     def texts(self, captions_or_tokens, precision: str | None = None):
         import torch
+        self._own_threads()
         tokens = captions_or_tokens
         if not isinstance(tokens, torch.Tensor):
             tokens = self.tokens(tokens)

@@ -93,7 +93,7 @@ class CudaJpegPreprocess(CpuPreprocess):
 
     def __init__(self, encoder, pool: ThreadPoolExecutor):
         super().__init__(encoder, pool)
-        self.params = gpu_transform_params(encoder.preprocess)
+        self.params = gpu_transform_params(encoder.preprocess, device="cuda")
 
     def submit(self, sample: Sample) -> Future | None:
         if self.params is None or not sample.data.startswith(b"\xff\xd8"):
@@ -111,28 +111,13 @@ class CudaJpegPreprocess(CpuPreprocess):
         parts = [torch.stack(tensors).pin_memory().to("cuda", non_blocking=True)] if tensors else []
         on_gpu = [(s, image) for s, image in zip(jpegs, decoded) if image is not None]
         if on_gpu:
-            parts.append(torch.stack([self._transform(image) for _, image in on_gpu]))
+            parts.append(torch.stack([resize_crop_normalize(image, self.params) for _, image in on_gpu]))
         samples = ok + [s for s, _ in on_gpu]
         if not samples:
             return Batch(name, [], None, None, failed)
         return Batch(name, samples, torch.cat(parts), self.encoder.tokens([s.caption for s in samples]), failed)
 
-    def _transform(self, image):
-        import torch
-        size, interpolation, mean, std = self.params
-        _, h, w = image.shape
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-        x = image.unsqueeze(0).float()
-        if (new_h, new_w) != (h, w):
-            x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=interpolation,
-                                                antialias=True, align_corners=False)
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        x = x[0, :, top:top + size, left:left + size].clamp_(0, 255) / 255.0
-        return (x - mean[:, None, None]) / std[:, None, None]
-
-
-def gpu_transform_params(preprocess):
+def gpu_transform_params(preprocess, device: str = "cuda"):
     """(size, interpolation, mean, std) when `preprocess` is Resize(shortest) -> CenterCrop ->
     to tensor -> Normalize, the CLIP eval transform; None otherwise."""
     import torch
@@ -147,7 +132,24 @@ def gpu_transform_params(preprocess):
     if resize.interpolation not in modes or tuple(crop.size) != (resize.size, resize.size):
         return None
     return (resize.size, modes[resize.interpolation],
-            torch.tensor(norm.mean, device="cuda"), torch.tensor(norm.std, device="cuda"))
+            torch.tensor(norm.mean, device=device), torch.tensor(norm.std, device=device))
+
+
+def resize_crop_normalize(image, params):
+    """torchvision's Resize(shortest side) -> CenterCrop -> ToTensor -> Normalize, on a uint8
+    CHW tensor where it lies (the GPU), with the same crop arithmetic as CenterCrop."""
+    import torch
+    size, interpolation, mean, std = params
+    _, h, w = image.shape
+    # torchvision's arithmetic: the short side becomes `size`, the long one is truncated.
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = image.unsqueeze(0).float()
+    if (new_h, new_w) != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=interpolation,
+                                            antialias=True, align_corners=False)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    x = x[0, :, top:top + size, left:left + size].clamp(0, 255).round() / 255.0
+    return (x - mean[:, None, None]) / std[:, None, None]
 
 
 def decode_jpegs_on_gpu(blobs: list[bytes]) -> list:
@@ -167,8 +169,10 @@ def decode_jpegs_on_gpu(blobs: list[bytes]) -> list:
         return out
 
 
-def preprocessor(encoder, pool: ThreadPoolExecutor):
-    return CudaJpegPreprocess(encoder, pool) if encoder.device == "cuda" else CpuPreprocess(encoder, pool)
+def preprocessor(encoder, pool: ThreadPoolExecutor, gpu_decode: bool = True):
+    if encoder.device == "cuda" and gpu_decode:
+        return CudaJpegPreprocess(encoder, pool)
+    return CpuPreprocess(encoder, pool)
 
 
 _DONE = object()

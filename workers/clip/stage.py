@@ -42,6 +42,7 @@ def bucket(language: str | None) -> str:
 
 class ClipStage(Stage):
     name = "clip"
+    gpu_decode = True  # on CUDA, JPEGs are decoded on the GPU (bench/gpu.py compares with PIL)
 
     def __init__(self, run):
         super().__init__(run)
@@ -92,7 +93,7 @@ class ClipStage(Stage):
         def route(sample: Sample) -> str:
             return self.models[bucket(sample.language)]
 
-        preprocessors = {name: preprocessor(enc, self.pool()) for name, enc in encoders.items()}
+        preprocessors = {name: preprocessor(enc, self.pool(), self.gpu_decode) for name, enc in encoders.items()}
         encoded = 0
         for batch in prepared_batches(encodable(downloaded_samples(store, shard, rows)), route, preprocessors,
                                       self.options.clip_batch_size):

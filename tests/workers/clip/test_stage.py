@@ -204,3 +204,15 @@ def test_a_rerun_is_idempotent(tmp_path, downloaded):
         assert pq.read_table(io.BytesIO(store.read_bytes(layout.clip_shard(shard)))).to_pylist() == \
             pq.read_table(io.BytesIO(before[shard])).to_pylist()
     assert json.loads(store.read_bytes("_markers/clip/00000.json"))["stats"]["kept"] == first[0]["stats"]["kept"]
+
+
+def test_a_model_whose_weights_are_not_here_fails_naming_it_and_builds_nothing(tmp_path, downloaded):
+    from clipfleet.shared.models import ModelNotAvailable
+    store = copy_images(downloaded, str(tmp_path / "store"), shards=(0,))
+    cfg = clip_run(str(tmp_path / "store"), filter_model="ViT-B-32/openai",
+                   multilingual_filter_model="xlm-roberta-base-ViT-B-32/laion5b_s13b_b90k")
+    # LAION's thresholds hold for LAION's models.
+    assert (cfg.clip.min_similarity_en, cfg.clip.min_similarity_other) == (0.28, 0.26)
+    with pytest.raises(ModelNotAvailable, match="ViT-B-32/openai"):
+        execute(ClipStage(cfg), store, 0)
+    assert store.marker("clip", 0) is None and store.list("clip") == []
