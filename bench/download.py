@@ -158,7 +158,7 @@ def run_clipfleet(url_list: Path, store_dir: Path, fleet) -> float:
 
 def _resize_all(paths: list[str]) -> float:
     from clipfleet.workers.download.options import DownloadOptions
-from clipfleet.workers.download.resize import resize_image
+    from clipfleet.workers.download.resize import resize_image
     import cv2
     cv2.setNumThreads(1)
     datas = [Path(p).read_bytes() for p in paths]

@@ -10,7 +10,8 @@ path, and can be told to behave like the hosts a polite downloader meets:
 - a robots.txt: a text, a status (404, 500, ...), a redirect, slow (after `robots_delay_s`) or huge;
 - /opt-out/...: 200 with `X-Robots-Tag: noai` and a body of OPT_OUT_BODY_BYTES sent slowly,
   counting what actually left, so a test can tell the body was not read.
-Everything it did is counted in `stats` (per status, robots.txt requests, peak concurrency).
+Everything it did is counted in `stats` (per status, peak concurrency), `robots_requests`, and
+`first_ok_at`/`last_ok_at`, so a benchmark measures the rate the host itself saw.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class TestHost:
         self.robots_location = robots_location
         self.stats: Counter = Counter()
         self.opt_out_sent = 0  # body bytes of /opt-out/ responses that left this server
+        self.first_ok_at = self.last_ok_at = 0.0  # monotonic times of the first and last 200
         self.robots_requests: list[dict] = []
         self._lock = threading.Lock()
         self._tokens = float(self.burst)
@@ -152,6 +154,9 @@ class TestHost:
                             host.stats[404] += 1
                         return self._send(404, b"missing\n", "text/plain")
                     self._send(200, body)
+                    with host._lock:
+                        host.last_ok_at = time.monotonic()
+                        host.first_ok_at = host.first_ok_at or host.last_ok_at
                 finally:
                     with host._lock:
                         host._in_flight -= 1
