@@ -49,6 +49,7 @@ class Page:
     title: str = ""
     malformed: str = ""  # "" or one of MALFORMED_KINDS
     html: bool = True  # False: a non-HTML response (robots.txt), no HTML-Metadata
+    metas: list[dict] = field(default_factory=list)  # <meta name content> beyond the viewport one
 
 
 def _sha1_digest(text: str) -> str:
@@ -178,7 +179,7 @@ class _WatWriter:
         }
         if page.html:
             head = {"Title": page.title,
-                    "Metas": [{"name": "viewport", "content": "width=device-width"}],
+                    "Metas": [{"name": "viewport", "content": "width=device-width"}, *page.metas],
                     "Link": [{"path": "LINK@/href", "url": "/static/site.css",
                               "rel": "stylesheet"}]}
             if page.base is not None:

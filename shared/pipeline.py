@@ -39,6 +39,7 @@ TASK_MODULES = {
     "download": "clipfleet.workers.download.task",
     "clip": "clipfleet.workers.clip.task",
     "embed": "clipfleet.workers.embed.task",
+    "tag": "clipfleet.workers.tag.task",
 }
 
 

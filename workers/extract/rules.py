@@ -1,5 +1,6 @@
 """The rules that turn one WAT record into image-text pairs, written once, a record and a link
-at a time: which records are broken and why (page_links), how an alt text becomes a caption,
+at a time: which records are broken and why, and which pages opt out of AI use with a robots
+meta (page_links), how an alt text becomes a caption,
 how a link resolves against <base> and the page, which URLs are dropped and why
 (image_pairs). Every link that does not become a pair is counted under its reason.
 
@@ -46,7 +47,15 @@ def page_links(body: bytes, stats: Counter) -> tuple[str, str, list] | None:
     if not isinstance(page_url, str) or not isinstance(links, list) or not _is_text(page_url):
         stats["malformed_record"] += 1
         return None
-    base = (html.get("Head") or {}).get("Base") if isinstance(html.get("Head"), dict) else None
+    head = html.get("Head")
+    if isinstance(head, dict) and head.get("Metas") and meta_opt_out(head["Metas"]):
+        # <meta name="robots" content="noai"> and the like: the page's images are never
+        # downloaded. Each image link is counted under its own reason, as every dropped link is.
+        dropped = sum(1 for link in links if isinstance(link, dict) and link.get("path") == "IMG@/src")
+        stats["img_links"] += dropped
+        stats["drop_meta_robots_opt_out"] += dropped
+        return None
+    base = head.get("Base") if isinstance(head, dict) else None
     base_url = page_url
     if isinstance(base, str) and base.strip():
         try:
@@ -54,6 +63,26 @@ def page_links(body: bytes, stats: Counter) -> tuple[str, str, list] | None:
         except ValueError:
             pass
     return page_url, base_url, links
+
+
+# Page-level opt-outs from AI use, as <meta name="robots"> (or a meta naming us, or CCBot, whose
+# crawl the WAT comes from) says them; the download stage honours the same words in X-Robots-Tag.
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
+OPT_OUT_META_NAMES = frozenset({"robots", "clipfleet", "ccbot"})
+
+
+def meta_opt_out(metas) -> bool:
+    """Whether a page's WAT `Head.Metas` hold an opt-out (noai, noimageai) for us."""
+    if not isinstance(metas, list):
+        return False
+    for meta in metas:
+        if not isinstance(meta, dict):
+            continue
+        name, content = meta.get("name"), meta.get("content")
+        if isinstance(name, str) and isinstance(content, str) and name.strip().lower() in OPT_OUT_META_NAMES:
+            if any(word.strip().lower() in OPT_OUT_DIRECTIVES for word in content.replace(",", " ").split()):
+                return True
+    return False
 
 
 # -- the links of a page
