@@ -8,16 +8,20 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# Quiet: one line says what is happening, then only what must be said (errors), so a newcomer's
+# `make demo` shows the demo rather than a screen of install output.
 $(STAMP): pyproject.toml requirements.lock
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements.lock -e '.[test,bench]'
-	# clip-retrieval only for its ClipClient module, which the search tests call as it ships; its
-	# own pins (pyarrow<16, clip back's Flask stack) would clash with ours, so no dependencies.
-	$(PY) -m pip install -q --no-deps clip-retrieval==2.45.0
-	# The browser tests drive Debian's chromium (Playwright never downloads one).
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
-	touch $(STAMP)
+	@echo "installing clipfleet and its pinned dependencies into $(VENV)/ (the first time takes a few minutes)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[test,bench]'
+# clip-retrieval only for its ClipClient module, which the search tests call as it ships; its
+# own pins (pyarrow<16, clip back's Flask stack) would clash with ours, so no dependencies.
+# (Comments here start at the margin: a tab-indented one is a recipe line that make prints.)
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps clip-retrieval==2.45.0
+# The browser tests drive Debian's chromium (Playwright never downloads one).
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@touch $(STAMP)
 
 demo: install
 	$(VENV)/bin/clipfleet demo --serve
