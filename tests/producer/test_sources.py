@@ -1,4 +1,5 @@
-"""The producer's side of extract: where WATs come from, and backpressure while enqueueing."""
+"""What the producer reads before anything runs (WAT inputs: paths, globs, a crawl's listing),
+and its backpressure while it enqueues."""
 from __future__ import annotations
 
 import gzip
