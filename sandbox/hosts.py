@@ -15,6 +15,7 @@ Everything it did is counted in `stats` (per status, peak concurrency), `robots_
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,6 +30,10 @@ OPT_OUT_CHUNK = 64 * 1024
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # many fetching threads connect at once
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)  # a client hanging up is no error here
 
 
 class TestHost:
