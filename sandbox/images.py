@@ -203,14 +203,18 @@ def _overlay_watermark(image: Image.Image, rng: np.random.Generator) -> Image.Im
 
 
 def aesthetic_rating(subject_size: float) -> float:
-    """The sandbox's aesthetic stand-in on LAION-Aesthetics' 1-10 scale: 1 for the smallest
-    subject, 10 for one that fills the frame ("fill the frame", a first rule of composition).
+    """The sandbox's aesthetic stand-in on LAION-Aesthetics' 1-10 scale, from how much of the
+    frame the subject fills (its radius over the image's short side): 1 for the smallest subject,
+    10 for one that fills the frame ("fill the frame", a first rule of composition).
 
     It is a fair stand-in because, like a real aesthetic rating, it is a graded property of the
     pixels that no caption names and that CLIP was never trained to see: `shapes` learnt colour,
     shape, background and watermark from captions, and its embeddings carry the subject's size
     only as a side effect, as OpenAI's CLIP carries what LAION's raters liked. It changes no
-    pixel of the world (the size was always drawn), so colour and shape stay as recognisable."""
+    pixel of the world (the size was always drawn), so colour and shape stay as recognisable.
+    The short side is the frame a CLIP sees after its centre crop, as served and as stored with
+    --resize-mode keep_ratio or center_crop; img2dataset's "border" mode pads the short side
+    and so shrinks the subject by the aspect ratio (sandbox runs use keep_ratio for that)."""
     low, high = SUBJECT_SIZE
     return float(1 + 9 * np.clip((subject_size - low) / (high - low), 0, 1))
 
@@ -219,7 +223,8 @@ def render(color: str, shape: str, background: str, width: int, height: int,
            rng: np.random.Generator, watermark: bool = False,
            details: dict | None = None) -> Image.Image:
     """Draw one picture. `background` may be UNSAFE_BACKGROUND for the unsafe stand-in.
-    `details`, when given, receives "subject_size" and its "aesthetic" rating."""
+    `details`, when given, receives "subject_size" (the subject's radius over the short side)
+    and its "aesthetic" rating."""
     image = _background(background, width, height, rng)
     size = _draw_shape(image, color, shape, rng, on_hazard=background == UNSAFE_BACKGROUND)
     if details is not None:

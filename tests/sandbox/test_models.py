@@ -84,7 +84,8 @@ def test_tag_heads_give_probabilities(shapes):
 def test_shipped_metrics_record_the_targets():
     metrics = json.loads((SHAPES_DIR / "metrics.json").read_text())
     assert metrics["evaluation"]["zero_shot"]["en"] >= 0.9
-    assert set(metrics["tag_heads_held_out"]) == {"watermark", "unsafe"}
+    assert set(metrics["tag_heads_held_out"]) == {"watermark", "unsafe", "aesthetic"}
+    assert metrics["tag_heads_held_out"]["aesthetic"]["spearman"] >= 0.8
     assert 0 < metrics["suggested_min_similarity"] < 1
 
 

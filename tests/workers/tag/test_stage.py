@@ -1,0 +1,139 @@
+"""The tagging stage on a shard that went through download and embedding: its tags against the
+sandbox's ground truth, the published dataset's columns and readers, and the null columns."""
+from __future__ import annotations
+
+import io
+import json
+
+import mmh3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from clipfleet.shared import layout
+from clipfleet.shared.models.heads import HeadError, roc_auc, spearman
+from clipfleet.shared.pipeline import TASK_MODULES, execute
+from clipfleet.workers.tag.plan import plan_run, prepare
+from clipfleet.workers.tag.stage import TagStage
+
+from .conftest import SHARD, run_config
+
+
+def read_parquet(store, rel):
+    return pq.read_table(io.BytesIO(store.read_bytes(rel)))
+
+
+def tag(store, **options):
+    cfg = run_config(store.uri, **options)
+    cfg.save(store)
+    return execute(TagStage(cfg), store, SHARD)
+
+
+def test_tags_match_ground_truth(store, truth):
+    marker = tag(store)
+    meta = read_parquet(store, layout.embedding_metadata(SHARD))
+    tags = read_parquet(store, layout.tag_shard(SHARD))
+    assert tags.column_names == ["key", "punsafe", "pwatermark", "aesthetic"]
+    assert tags.column("key").to_pylist() == meta.column("key").to_pylist()  # rows aligned
+    assert 120 <= tags.num_rows  # the pairs that passed download and the filter
+    rows = [truth[url] for url in meta.column("url").to_pylist()]
+    unsafe = np.array([r["unsafe"] for r in rows])
+    watermark = np.array([r["watermark"] for r in rows])
+    assert unsafe.sum() >= 10 and watermark.sum() >= 10
+    quality = {"punsafe": roc_auc(unsafe, tags.column("punsafe").to_numpy()),
+               "pwatermark": roc_auc(watermark, tags.column("pwatermark").to_numpy()),
+               "aesthetic": spearman([r["aesthetic"] for r in rows], tags.column("aesthetic").to_numpy())}
+    print("tag quality on the pipeline shard:", quality)
+    assert quality["punsafe"] >= 0.95 and quality["pwatermark"] >= 0.95, quality
+    assert quality["aesthetic"] >= 0.8, quality
+    assert 1 <= np.median(tags.column("aesthetic").to_numpy()) <= 10  # LAION's 1-10 scale
+    stats = marker["stats"]
+    assert stats["tagged"] == tags.num_rows and stats["published"] == tags.num_rows
+    assert stats["tags_per_s_per_core"] > 0
+    assert "null_columns" not in stats
+
+
+def test_published_dataset_has_laions_columns_and_only_kept_samples(store, truth):
+    tag(store)
+    meta = read_parquet(store, layout.embedding_metadata(SHARD))
+    data = read_parquet(store, layout.dataset_shard(SHARD, "parquet"))
+    assert tuple(data.column_names) == layout.DATASET_COLUMNS
+    assert data.column("key").to_pylist() == meta.column("key").to_pylist()
+    for row in data.to_pylist():
+        assert row["hash"] == mmh3.hash64(row["URL"] + row["TEXT"])[0]
+        assert row["TEXT"] == truth[row["URL"]]["caption"]
+        assert row["similarity"] >= 0.7
+    tags = read_parquet(store, layout.tag_shard(SHARD))
+    assert data.column("punsafe").to_pylist() == tags.column("punsafe").to_pylist()
+
+
+def test_webdataset_reads_the_published_tar(store):
+    import webdataset as wds
+    tag(store)
+    data = {row["key"]: row for row in read_parquet(store, layout.dataset_shard(SHARD, "parquet")).to_pylist()}
+    samples = list(wds.WebDataset(store.path(layout.dataset_shard(SHARD, "tar")), shardshuffle=False))
+    assert sorted(s["__key__"] for s in samples) == sorted(data)
+    for sample in samples:
+        record = json.loads(sample["json"])
+        assert record.keys() == data[sample["__key__"]].keys()
+        assert record["hash"] == data[sample["__key__"]]["hash"]
+        assert sample["txt"].decode() == record["TEXT"]
+        assert any(ext in sample for ext in ("jpg", "png", "webp"))
+
+
+def test_a_column_without_a_head_is_null_and_says_why(store):
+    cfg = run_config(store.uri, aesthetic_head="none", pwatermark_head="auto")
+    prepare(cfg)
+    cfg.save(store)
+    saved = json.loads(store.read_bytes("run.json"))
+    assert saved["tag"]["aesthetic_head"] == "none"
+    assert saved["tag"]["punsafe_head"] == "shapes:unsafe"
+    assert "aesthetic" in saved["tag"]["null_columns"]
+    marker = execute(TagStage(cfg), store, SHARD)
+    tags = read_parquet(store, layout.tag_shard(SHARD))
+    assert tags.column("aesthetic").null_count == tags.num_rows
+    assert tags.column("punsafe").null_count == 0
+    assert "aesthetic" in marker["stats"]["null_columns"]
+
+
+def test_no_shipped_head_for_a_real_model_gives_null_columns_with_the_flag_to_pass(tmp_path):
+    cfg = run_config(str(tmp_path / "s"), embed_model="ViT-L-14/openai")
+    prepare(cfg)
+    assert (cfg.tag.punsafe_head, cfg.tag.pwatermark_head, cfg.tag.aesthetic_head) == ("none",) * 3
+    assert "--punsafe-head nsfw-l14:FILE" in cfg.tag.null_columns["punsafe"]
+    assert "--aesthetic-head aesthetic-l14:FILE" in cfg.tag.null_columns["aesthetic"]
+
+
+def test_a_head_of_the_wrong_width_is_refused_before_any_shard(tmp_path):
+    cfg = run_config(str(tmp_path / "s"), embed_model="ViT-L-14/openai", punsafe_head="shapes:unsafe")
+    with pytest.raises(HeadError, match=r"128-d embeddings, but --embed-model ViT-L-14/openai makes 768-d"):
+        plan_run(cfg)
+    with pytest.raises(HeadError, match="768-d"):
+        TagStage(cfg)
+
+
+def test_the_cli_refuses_a_wrong_width_head_before_writing_the_run(tmp_path, capsys):
+    from clipfleet.producer.cli import main
+    urls = tmp_path / "urls.parquet"
+    import pyarrow as pa
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a red circle"]}), urls)
+    store = tmp_path / "store"
+    code = main(["run", "--urls", str(urls), "--store", str(store), "--until", "tag",
+                 "--embed-model", "ViT-L-14/openai", "--punsafe-head", "shapes:unsafe"])
+    assert code == 2
+    assert "768-d" in capsys.readouterr().err
+    assert not (store / "run.json").exists()
+
+
+def test_a_mismatched_shard_is_refused_clearly(store):
+    np.save(store.path(layout.image_embeddings(SHARD)), np.zeros((3, 128), np.float16))
+    with pytest.raises(ValueError, match="has shape"):
+        tag(store)
+    assert store.marker("tag", SHARD) is None
+
+
+def test_a_rerun_does_nothing_and_the_stage_is_registered(store):
+    first = tag(store)
+    again = execute(TagStage(run_config(store.uri)), store, SHARD)
+    assert again["skipped"] and again["stats"] == first["stats"]
+    assert TASK_MODULES["tag"] == "clipfleet.workers.tag.task"
