@@ -262,3 +262,59 @@ def recovered_counts(store: Store, stage: str) -> dict[str, int]:
         if name.endswith(".json"):
             out[name[:-5]] = len(store.read_json(f"{RECOVERED}/{stage}/{name}").get("events", []))
     return out
+
+
+# -- runs nobody follows: swept by the fleet ------------------------------------------------------
+DETACHED_RUNS = "clipfleet:runs:detached"   # store URIs of `run --detach`ed runs not yet finished
+FLEET_SWEEPER_LOCK = "clipfleet:sweeper"
+
+
+def register_detached(client, store_uri: str) -> None:
+    """A `--detach`ed run has no `clipfleet run` following it: the workers sweep it."""
+    client.sadd(DETACHED_RUNS, store_uri)
+
+
+class FleetSweeper:
+    """Sweeps every detached run from a worker; one worker of the fleet at a time (a lock
+    renewed while it holds it), so a run is not recovered twice over."""
+
+    def __init__(self, app, client, holder: str):
+        self.app, self.client, self.holder = app, client, holder
+        self._runs: dict[str, tuple] = {}   # store URI -> (Sweeper, ProgressCache)
+
+    def sweep_once(self) -> None:
+        lock_ms = int(sweep_s() * 3000)
+        if not self.client.set(FLEET_SWEEPER_LOCK, self.holder, nx=True, px=lock_ms):
+            if (self.client.get(FLEET_SWEEPER_LOCK) or b"").decode() != self.holder:
+                return
+            self.client.pexpire(FLEET_SWEEPER_LOCK, lock_ms)
+        for raw in self.client.smembers(DETACHED_RUNS):
+            uri = raw.decode() if isinstance(raw, bytes) else raw
+            try:
+                if self._sweep_run(uri):
+                    self.client.srem(DETACHED_RUNS, uri)
+                    self._runs.pop(uri, None)
+                    log.info("detached run %s is finished; no longer swept", uri)
+            except Exception:
+                log.exception("sweeping detached run %s failed; trying again next time", uri)
+
+    def _sweep_run(self, uri: str) -> bool:
+        """One sweep of one run; True when every expected shard is done or dead-lettered."""
+        from clipfleet.producer.run import ProgressCache, _done, _pending, progress, stages_of
+        from clipfleet.producer.status import first_from_store
+        from clipfleet.shared.pipeline import built_stages
+        from clipfleet.shared.runconfig import RunConfig
+        store = Store(uri)
+        cfg = RunConfig.load(store)
+        first = first_from_store(store, cfg)
+        if uri not in self._runs:
+            kwargs = {(t.stage, t.shard): t.kwargs for t in first}
+            self._runs[uri] = (Sweeper(self.app, self.client, store,
+                                       task_kwargs=lambda stage, shard: kwargs.get((stage, shard), {})),
+                               ProgressCache())
+        sweeper, cache = self._runs[uri]
+        state = progress(store, stages_of(cfg, set(built_stages())), first, cache)
+        if all(p.finished for p in state):
+            return True
+        sweeper.sweep(_pending(state, first, None), _done(state))
+        return False

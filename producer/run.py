@@ -381,8 +381,11 @@ def produced(store: Store, state: list[StageProgress]) -> tuple[list[str], list[
             problems.append(f"dead letter {p.stage} {shard_name(d['shard'])}: {d.get('error')}")
         if p.done and n_out == 0:
             why = "; ".join(f"{name} {n}" for name, n in reasons) or "no reason was counted"
-            problems.append(f"{p.stage} stored no samples from {n_in if n_in is not None else 'its'} "
-                            f"input samples ({why})")
+            if n_in == 0:
+                problems.append(f"{p.stage} got no samples: its input is empty ({why})")
+            else:
+                problems.append(f"{p.stage} stored no samples from {n_in if n_in is not None else 'its'} "
+                                f"input samples ({why})")
             break  # the stages after it had nothing to work on
     return lines, problems
 
@@ -396,6 +399,8 @@ def run_with_fleet(cfg: RunConfig, store: Store, stages: list[str], first: list[
     app, client = make_app(broker), redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
     if detach:
         sent = enqueue(app, client, store, first)
+        from clipfleet.producer.recovery import register_detached
+        register_detached(client, store.uri)  # every task is sent: from now on the workers sweep it
         print(f"enqueued {sent} {first[0].stage} tasks; follow with: clipfleet status --store {store.uri}")
         return 0
     kwargs = {(t.stage, t.shard): t.kwargs for t in first}

@@ -219,9 +219,39 @@ def _start_heartbeat(sender=None, **kw):
     _heartbeat.start()
 
 
+_fleet_sweeper_stop = None
+
+
+def _fleet_sweeper_loop(holder: str, stop) -> None:
+    """Detached runs have no `clipfleet run` sweeping them: one worker of the fleet does."""
+    import redis
+    from clipfleet.producer.recovery import FleetSweeper, sweep_s
+    sweeper = None
+    while not stop.wait(sweep_s()):
+        try:
+            if sweeper is None:
+                sweeper = FleetSweeper(app, redis.Redis.from_url(app.conf.broker_url, socket_timeout=10,
+                                                                 socket_connect_timeout=5), holder)
+            sweeper.sweep_once()
+        except Exception as exc:  # the broker away: try again next time
+            log.warning("fleet sweep failed (%s: %s)", exc.__class__.__name__, exc)
+
+
+@signals.worker_ready.connect
+def _start_fleet_sweeper(sender=None, **kw):
+    import threading
+    global _fleet_sweeper_stop
+    _fleet_sweeper_stop = threading.Event()
+    holder = f"{getattr(sender, 'hostname', None) or 'worker'}:{os.getpid()}"
+    threading.Thread(target=_fleet_sweeper_loop, args=(holder, _fleet_sweeper_stop), daemon=True,
+                     name="clipfleet-fleet-sweeper").start()
+
+
 @signals.worker_shutdown.connect
 def _stop_heartbeat(sender=None, **kw):
     # No release on the way out: a cold shutdown requeues our unacked messages, and a lease
     # left behind lapses within CLIPFLEET_LEASE_S.
     if _heartbeat is not None:
         _heartbeat.stop()
+    if _fleet_sweeper_stop is not None:
+        _fleet_sweeper_stop.set()

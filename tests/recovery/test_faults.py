@@ -86,3 +86,20 @@ def test_broker_away_longer_than_the_retry_budget(tmp_path, fleet, redis_aof, dr
     assert code == 0, fleet.logs()
     check_complete(store, 6, ROWS, fleet.tmp)
     assert "could not be published" in (fleet.tmp / "worker-0.log").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_a_detached_run_is_swept_by_the_fleet(tmp_path, fleet, redis_aof, drip_hosts, images):
+    # Nobody follows a --detach'ed run: the workers themselves bring a dead node's shards back.
+    urls = url_list(tmp_path, images, drip_hosts, 6, GOOD, 4)
+    store = Store(str(tmp_path / "store"))
+    node = fleet.worker()
+    fleet.run(urls, store.uri, GOOD + 4, "--detach")
+    code, out = fleet.wait_run(120)
+    assert code == 0 and "enqueued 6 download tasks" in out, out
+    wait_until(lambda: shards_in_flight(store, redis_aof.url) >= 2, 120, "two shards in flight")
+    os.killpg(node.pid, signal.SIGKILL)
+    node.wait(10)
+    fleet.worker()
+    wait_until(lambda: len(store.done("download")) == 6, 240, "every shard done")
+    check_complete(store, 6, GOOD + 4, fleet.tmp)

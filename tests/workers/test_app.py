@@ -47,7 +47,12 @@ def test_routes_by_task_name():
 
 def test_shard_task_retries_only_transient_errors():
     from clipfleet.shared.pipeline import TransientError
-    assert app_module.ShardTask.autoretry_for == (TransientError,)
+    import kombu.exceptions
+    import redis.exceptions
+    # Transient: our own marker, and a lost connection to Redis wherever a task meets one.
+    assert app_module.ShardTask.autoretry_for == (TransientError, redis.exceptions.ConnectionError,
+                                                  redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
+    assert not any(issubclass(ValueError, e) for e in app_module.ShardTask.autoretry_for)
     assert 0 < app_module.ShardTask.max_retries <= 10
     assert app_module.ShardTask.retry_backoff
 
