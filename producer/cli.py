@@ -148,6 +148,11 @@ def cmd_status(args) -> int:
     return run_status(args.store, as_json=args.json, broker=args.broker, recover=not args.no_recover)
 
 
+def cmd_takedown(args) -> int:
+    from clipfleet.producer.takedown import run_takedown
+    return run_takedown(args.store, args.urls, args.hashes, args.reason)
+
+
 def cmd_demo(args) -> int:
     from clipfleet.producer.demo import run_demo
     return run_demo(args.store, args.samples, args.keep_serving)
@@ -232,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "queued, and re-sends shards no live worker holds")
     st.add_argument("--no-recover", action="store_true", help="with a broker, only look: re-send nothing")
     st.set_defaults(func=cmd_status)
+
+    td = sub.add_parser("takedown", help="remove samples from the serving index and the published dataset, without a rebuild")
+    td.add_argument("--store", required=True, help="the run's store")
+    which = td.add_mutually_exclusive_group(required=True)
+    which.add_argument("--urls", metavar="FILE", help="file or URI with one image URL a line")
+    which.add_argument("--hashes", metavar="FILE", help="file or URI with one md5 or sha256 image hash a line")
+    td.add_argument("--reason", default="", help="why, kept in the takedown record under takedowns/")
+    td.set_defaults(func=cmd_takedown)
 
     dm = sub.add_parser("demo", help="run the whole pipeline offline on a local synthetic web")
     dm.add_argument("--store", default="demo-store", help="where the demo run writes (default %(default)s); the sandbox world goes beside it")

@@ -71,6 +71,39 @@ def dataset_shard(shard, ext: str = "tar") -> str:
 
 INDEX = "index"
 TAKEDOWNS = "takedowns"
+INDEX_MODALITIES = ("image", "text")
+
+
+def index_root(modality: str = "image") -> str:
+    """index/ for the image index (what search serves), index/text/ for the optional text index."""
+    if modality not in INDEX_MODALITIES:
+        raise ValueError(f"no {modality!r} index; modalities are {', '.join(INDEX_MODALITIES)}")
+    return INDEX if modality == "image" else f"{INDEX}/text"
+
+
+def trained_index(modality: str = "image") -> str:
+    return f"{index_root(modality)}/trained.index"
+
+
+def index_part(shard, modality: str = "image") -> str:
+    return f"{index_root(modality)}/parts/{shard_name(shard)}.index"
+
+
+def serving_dir(generation: int, modality: str = "image") -> str:
+    """One merged serving index per generation; infos.json names the current one."""
+    return f"{index_root(modality)}/serving/{generation:05d}"
+
+
+def index_infos(modality: str = "image") -> str:
+    return f"{index_root(modality)}/infos.json"
+
+
+TAKEDOWN_IDS = f"{TAKEDOWNS}/ids.npy"              # sorted int64 global ids never served again
+TAKEDOWN_BLOCKLIST = f"{TAKEDOWNS}/blocklist.txt"  # download's --blocklist format
+
+
+def takedown_record(stamp: str) -> str:
+    return f"{TAKEDOWNS}/{stamp}.json"
 
 # A sample's global id (index, search, takedown): its shard and its row in that shard's embeddings,
 # packed so ids map to metadata without any table in memory. 2**20 rows per shard is far above

@@ -6,7 +6,9 @@ the store (paths from `shared/layout.py`), writes its output files into the loca
 `out`, counts what happened with `stats.add(reason, n)`, and returns a `StageOutput`. The
 framework owns everything around that: skipping shards already marked done, timing, the atomic
 commit, the completion marker, enqueueing the next stage, and stages that run once per run
-(`RunOnce`, triggered when their precondition holds).
+(`RunOnce`, triggered when their precondition holds; how they stay exactly-once and resumable is
+written down above `ShardState` below). `shard_state(store, stage)` says which shards a stage
+expects and whether all of them are done, for run-once preconditions and the producer alike.
 """
 from __future__ import annotations
 
@@ -172,6 +174,7 @@ def run_stage(stage_cls: type[Stage], store_uri: str, shard: int, **inputs) -> d
     stage = _stage_instance(stage_cls, store_uri, raw.get("updated_at", raw["created_at"]))
     marker = execute(stage, store, shard, on_progress=_progress_reporter(store_uri, stage.name, shard), **inputs)
     enqueue_next(stage, store_uri, marker["next_shards"])
+    trigger_due(store_uri, getattr(stage, "triggers", ()))  # run-once tasks this shard may make due
     return {"shard": shard, "stats": marker["stats"], "skipped": marker.get("skipped", False)}
 
 
@@ -198,3 +201,175 @@ def enqueue_next(stage: Stage, store_uri: str, shards: list[int]) -> None:
         # The shard is done (its marker is written); a retry of this task skips the stage and
         # sends again. Were that lost too, the sweeper sends the next stage's shard itself.
         raise TransientError(f"could not enqueue {nxt} for {len(shards)} shards: {exc}") from exc
+
+
+# -- expected shards, and tasks that run once per run ------------------------------------------
+# A stage that needs every shard (training an index, a final merge) is a `RunOnce`: a task keyed
+# by a string, not a shard. Per-shard stages name the run-once tasks they may make due in
+# `triggers`; after each of their shards `run_stage` asks each one `due(store)` and sends it when
+# it answers a key that has no marker yet. `run_once` runs it exactly once per key:
+#   - the marker under _markers/<name>/<key>.json is checked first and written last (execute),
+#     so a redelivered or duplicated task does nothing, and a killed one is redone whole;
+#   - a Redis lock, renewed by a heartbeat while the task runs, keeps two workers from running
+#     the same task at once; a task that finds it held comes back later (a killed holder's lock
+#     lapses within ONCE_LOCK_S);
+#   - `after(store_uri, key)` runs after the marker on every delivery, for follow-up work that is
+#     idempotent (the index's train task adds the shards that waited for it there), so a worker
+#     killed between the marker and the follow-up loses nothing;
+#   - a flag per key keeps every shard that finds the task due from sending it again; it lapses
+#     after ONCE_RESEND_S, so a task lost with its message is sent again by the next trigger.
+# `shard_state(store, stage)` says which shards a stage expects (from run.json's inputs: one
+# extract shard per WAT, or the URL shards under urls/; then the markers' next_shards), which are
+# done or dead-lettered, and whether every stage before it has finished.
+ONCE_LOCK_S = 30.0
+ONCE_RESEND_S = 600.0
+ONCE_BUSY_RETRY_S = 15.0
+
+
+@dataclass
+class ShardState:
+    stage: str
+    expected: set[str]          # shard names the stage expects so far
+    done: set[str]
+    failed: set[str]
+    upstream_complete: bool     # every stage before this one has done or dead-lettered all its shards
+
+    @property
+    def complete(self) -> bool:
+        """Every shard this stage will ever get is done or dead-lettered."""
+        return self.upstream_complete and self.expected <= (self.done | self.failed)
+
+
+def first_shards(store: Store, cfg: RunConfig) -> tuple[str, set[str]]:
+    """The run's first stage and its shards: one extract shard per WAT, or the URL shards."""
+    from clipfleet.shared.storage import shard_name
+    if cfg.input_kind == "wat":
+        return "extract", {shard_name(i) for i in range(len(cfg.inputs))}
+    return "download", {n[:-len(".parquet")] for n in store.list("urls") if n.endswith(".parquet")}
+
+
+def shard_state(store: Store, stage: str, cfg: RunConfig | None = None,
+                next_cache: dict | None = None) -> ShardState:
+    """Expected, done and failed shards of `stage`, walking the markers from the run's inputs.
+    Markers never change once written, so `next_cache` may keep their next_shards between calls."""
+    from clipfleet.shared.storage import shard_name
+    cfg = cfg or RunConfig.load(store)
+    first, expected = first_shards(store, cfg)
+    chain = STAGES[STAGES.index(first):]
+    if stage not in chain:
+        return ShardState(stage, set(), set(), set(), True)
+    cache = {} if next_cache is None else next_cache
+    upstream = True
+    for name in chain[:chain.index(stage) + 1]:
+        done = store.done(name) & expected
+        failed = {shard_name(d["shard"]) for d in store.deadletters(name)} - done
+        if name == stage:
+            return ShardState(stage, expected, done, failed, upstream)
+        upstream = upstream and expected <= (done | failed)
+        handed = set()
+        for shard in done:
+            if (name, shard) not in cache:
+                cache[name, shard] = (store.marker(name, shard) or {}).get("next_shards", [shard])
+            handed.update(shard_name(s) for s in cache[name, shard])
+        expected = handed
+    raise AssertionError("unreachable")
+
+
+class RunOnce(Stage):
+    """A task that runs once per run and key when its precondition holds (see above).
+
+    Subclasses set `name` (marker folder and task name), `stage` (the stage whose queue and
+    options section it uses), optionally `triggers` (run-once tasks to check after it), and
+    implement `due(store) -> key | None` and `run(store, key, out, stats)`."""
+    stage: str = ""
+    triggers: tuple = ()
+
+    def __init__(self, run: RunConfig):
+        self.run_config = run
+        self.options = getattr(run, self.stage, None)
+
+    @property
+    def queue(self) -> str:
+        return QUEUES[self.stage]
+
+    def due(self, store: Store) -> str | None:
+        raise NotImplementedError
+
+    def after(self, store_uri: str, key: str) -> None:
+        """Idempotent follow-up, run after the marker on every delivery."""
+
+
+def _run_revision(store: Store) -> float:
+    raw = store.read_json("run.json")
+    return raw.get("updated_at", raw["created_at"])
+
+
+def trigger_due(store_uri: str, once_classes) -> list[tuple[str, str]]:
+    """Send every run-once task of `once_classes` that is due and not done; returns (name, key)s."""
+    if not once_classes:
+        return []
+    from clipfleet.shared.leases import run_key
+    from clipfleet.workers.app import app, broker_redis
+    store = Store(store_uri)
+    revision = _run_revision(store)
+    sent = []
+    for cls in once_classes:
+        once = _stage_instance(cls, store_uri, revision)
+        key = once.due(store)
+        if key is None or store.marker(cls.name, key) is not None:
+            continue
+        flag = f"clipfleet:once:{run_key(store_uri)}:{cls.name}:{key}"
+        if broker_redis().set(flag, "1", nx=True, ex=int(ONCE_RESEND_S)):
+            app.send_task(task_name(cls.name), args=(store_uri, key), queue=once.queue)
+            log.info("%s %s: due, sent", cls.name, key)
+            sent.append((cls.name, key))
+    return sent
+
+
+def run_once(once_cls: type[RunOnce], store_uri: str, key: str) -> dict:
+    """What a run-once task does: run it once for `key` under the run's lock, its follow-up,
+    then check the run-once tasks it may have made due."""
+    from clipfleet.shared.leases import run_key
+    from clipfleet.workers.app import app, broker_redis
+    store = Store(store_uri)
+    once = _stage_instance(once_cls, store_uri, _run_revision(store))
+    lock = broker_redis().lock(f"clipfleet:once-lock:{run_key(store_uri)}:{once.name}",
+                               timeout=ONCE_LOCK_S, thread_local=False)
+    if not lock.acquire(blocking=False):
+        # Another worker runs this task (maybe for another key); this delivery comes back later.
+        app.send_task(task_name(once.name), args=(store_uri, key), queue=once.queue,
+                      countdown=ONCE_BUSY_RETRY_S)
+        return {"key": key, "busy": True}
+    stop = _renew_in_background(lock)
+    try:
+        marker = execute(once, store, key)
+        once.after(store_uri, key)
+    finally:
+        stop()
+    trigger_due(store_uri, once.triggers)
+    return {"key": key, "stats": marker["stats"], "skipped": marker.get("skipped", False)}
+
+
+def _renew_in_background(lock):
+    """Keep `lock` alive while the task runs; returns a function that stops and releases it."""
+    import threading
+    stopped = threading.Event()
+
+    def renew():
+        while not stopped.wait(ONCE_LOCK_S / 3):
+            try:
+                lock.reacquire()
+            except Exception as exc:  # Redis away for a moment: the next beat tries again
+                log.warning("could not renew %s: %s", lock.name, exc)
+
+    thread = threading.Thread(target=renew, daemon=True, name="once-lock")
+    thread.start()
+
+    def stop():
+        stopped.set()
+        thread.join(timeout=5)
+        try:
+            lock.release()
+        except Exception:  # lapsed already; nobody else can have run meanwhile without it
+            pass
+    return stop
