@@ -49,7 +49,6 @@ class ClipStage(Stage):
         opts = self.options
         self.models = {"en": opts.filter_model, "other": opts.multilingual_filter_model}
         self.thresholds = {"en": opts.min_similarity_en, "other": opts.min_similarity_other}
-        self.device = opts.clip_device
         self._pool: ThreadPoolExecutor | None = None
 
     def encoders(self) -> dict:
@@ -73,8 +72,8 @@ class ClipStage(Stage):
                                                                            c.clip_threads)
 
     def run(self, store: Store, shard: int, out: Path, stats: Stats) -> StageOutput:
+        encoders = self.encoders()  # loads on a process's first shard; not counted in samples/s
         started = time.perf_counter()
-        encoders = self.encoders()
         rows = read_rows(store, shard)
         judged: dict[str, tuple[float | None, bool, str | None]] = {}  # key -> (similarity, kept, model)
         dropped: list[tuple[str, str]] = []  # (key, reason), appended by the reader thread
