@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import random
 import re
 import socket
@@ -41,8 +40,6 @@ from clipfleet.workers.download import http1
 from clipfleet.workers.download.options import DownloadOptions
 from clipfleet.workers.download.guard import AddressRefused, Resolver, checked_addresses
 from clipfleet.workers.download.politeness import ERROR, NONE, OK, THROTTLED, HostHeldOff
-
-log = logging.getLogger("clipfleet.download")
 
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 # Worth asking again later: overload, gateway trouble, rate limiting, request timeout.
@@ -201,10 +198,6 @@ class Fetcher:
         if robots is None and not opts.ignore_robots_txt:
             from clipfleet.workers.download.robots import RobotsRules
             robots = RobotsRules(self, getattr(limiter, "redis", None), opts)
-        if opts.ignore_robots_txt:
-            log.warning("robots.txt is IGNORED in this run (--ignore-robots-txt): site operators' "
-                        "robots.txt rules are not fetched or obeyed; X-Robots-Tag opt-outs, the "
-                        "blocklist and the address guard still hold")
         self.robots = robots  # None: robots.txt ignored (--ignore-robots-txt)
         self.counts: Counter = Counter()  # politeness events, read by the stage as deltas
         self._counts_lock = threading.Lock()

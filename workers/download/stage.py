@@ -231,6 +231,10 @@ class DownloadStage(Stage):
     def fetcher(self) -> Fetcher:
         # Built on first use, inside the worker process, where the broker's Redis is reachable.
         if self._fetcher is None:
+            if self.options.ignore_robots_txt:
+                log.warning("robots.txt is IGNORED in this run (--ignore-robots-txt): site operators' "
+                            "robots.txt rules are neither fetched nor obeyed; X-Robots-Tag opt-outs, "
+                            "the blocklist and the address guard still hold")
             limiter = self._limiter or DomainLimiter(broker_redis(), domain_limits(self.options))
             self._fetcher = Fetcher(self.options, limiter, self._resolver, self._connect,
                                     url_blocked=self.blocklist.url_blocked)

@@ -90,3 +90,29 @@ def test_an_x_robots_tag_opt_out_stops_the_read_when_the_headers_arrive(world):
     # 64 MiB announced and offered; what left the server is what the socket buffers took.
     assert host.opt_out_sent < OPT_OUT_BODY_BYTES / 8
     assert fetcher.counts["opt_out_before_body"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_obeys_robots_txt_and_says_why(tmp_path, redis_url, world, truth):
+    with TestHost(world / "web", robots="User-agent: *\nDisallow: /img/0000\n") as host:
+        urls = image_urls(host, truth, 20)
+        rows, stats = run_shard(tmp_path, redis_url, urls)
+    disallowed = [u for u in urls if "/img/0000" in u]
+    assert disallowed and len(host.robots_requests) == 1
+    assert host.stats[200] == 20 - len(disallowed)  # the disallowed ones were never requested
+    for row in rows:
+        if row["url"] in disallowed:
+            assert row["status"] == "failed_to_download" and "disallowed by robots.txt" in row["error_message"]
+        else:
+            assert row["status"] == "success"
+    assert stats["refused"] == {"robots.txt": len(disallowed)}
+    assert stats["politeness"]["robots_fetches"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_ignore_robots_txt_is_said_loudly(tmp_path, redis_url, world, truth, caplog):
+    with TestHost(world / "web", robots="User-agent: *\nDisallow: /\n") as host:
+        with caplog.at_level("WARNING", logger="clipfleet.download"):
+            rows, _ = run_shard(tmp_path, redis_url, image_urls(host, truth, 5), ignore_robots_txt=True)
+    assert [r["status"] for r in rows] == ["success"] * 5 and host.robots_requests == []
+    assert any("robots.txt is IGNORED" in r.getMessage() for r in caplog.records)
