@@ -12,8 +12,8 @@ SAMPLE_KEYS = {
     "extract": ("img_links", "pairs"),     # <img> links seen in the WAT, pairs written to URL shards
     "download": ("count", "success"),      # URLs in the shard, images stored
 }
-# Stats that say why samples were dropped: these prefixes, and every nested group.
-DROP_PREFIXES = ("drop_", "failed", "refused", "below_", "removed_", "filtered_")
+# Stats (and nested groups, e.g. `refused`) that say why samples were dropped.
+DROP_PREFIXES = ("drop_", "failed", "refused", "below_", "removed_", "filtered_", "rejected")
 
 
 def sample_keys(stage: str, stats: dict) -> tuple[str | None, str | None]:
@@ -59,7 +59,8 @@ def drop_reasons(total: dict, top: int = 5) -> list[tuple[str, int]]:
     reasons = []
     for key, value in total.items():
         if isinstance(value, dict):
-            reasons += [(f"{key}: {k}", v) for k, v in value.items() if v]
+            if key.startswith(DROP_PREFIXES):
+                reasons += [(f"{key}: {k}", v) for k, v in value.items() if v]
         elif key.startswith(DROP_PREFIXES) and value:
             reasons.append((key, value))
     return sorted(reasons, key=lambda r: (-r[1], r[0]))[:top]

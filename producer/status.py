@@ -54,6 +54,8 @@ def collect(store: Store, broker: str | None = None, recover: bool = True) -> di
             "recovered": max(sum(recovered.values()), sweeper.recovered[p.stage] if sweeper else 0),
             "samples_expected": p.samples_expected, "samples_done": p.samples_done,
             "samples_out": p.samples_out,
+            # reported by running shards whose stage calls stats.advance
+            "samples_running": None if h is None else sum(v for k, v in h.progress.items() if k in h.in_flight),
             "samples_per_s": round(p.samples_done / wall, 1) if wall > 0 else None,
             "duration_s": round(sum(m.get("duration_s", 0) for m in markers), 1),
             "totals": counts.totals(markers),
@@ -122,6 +124,8 @@ def run_status(store_uri: str, as_json: bool = False, broker: str | None = None,
         print(line)
         samples = f"{s['samples_done']}" + (f"/{s['samples_expected']}" if s["samples_expected"] is not None else "")
         rate = f", {s['samples_per_s']} samples/s" if s["samples_per_s"] else ""
+        if s["samples_running"]:
+            rate += f", {s['samples_running']} more in running shards"
         out = f", {s['samples_out']} out" if s["samples_out"] is not None else ""
         print(f"{'':>11}samples: {samples} in{out}{rate}; {s['duration_s']}s of work")
         for key, value in s["totals"].items():
