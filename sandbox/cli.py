@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from clipfleet.sandbox.web import DEFAULT_PORT, DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_WAT_FILES
 
     sandbox = subparsers.add_parser("sandbox", help="the local synthetic web (offline test world)")
-    actions = sandbox.add_subparsers(dest="sandbox_command", required=True)
+    actions = sandbox.add_subparsers(dest="sandbox_command", required=True, metavar="{make,serve}")
 
     make = actions.add_parser("make", help="write images, WAT files and ground truth to DIR")
     make.add_argument("dir", help="folder to write the world into (web/, wat/, ground_truth/)")
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=_serve)
 
     models = subparsers.add_parser("models", help="the CLIP models clipfleet can load")
-    model_actions = models.add_subparsers(dest="models_command", required=True)
+    model_actions = models.add_subparsers(dest="models_command", required=True, metavar="{list,eval}")
     listing = model_actions.add_parser("list", help="list shipped models and how to add others")
     listing.set_defaults(func=_list_models)
     evaluate = model_actions.add_parser(
