@@ -57,6 +57,7 @@ class TestHost:
         self.opt_out_sent = 0  # body bytes of /opt-out/ responses that left this server
         self.first_ok_at = self.last_ok_at = 0.0  # monotonic times of the first and last 200
         self.robots_requests: list[dict] = []
+        self.request_times: list[float] = []  # monotonic arrival of each image request
         self._lock = threading.Lock()
         self._tokens = float(self.burst)
         self._refilled = time.monotonic()
@@ -144,6 +145,7 @@ class TestHost:
                     return self._opt_out()
                 status, latency = host._admit()
                 with host._lock:
+                    host.request_times.append(time.monotonic())
                     host.stats[status] += 1
                     host._in_flight += 1
                     host.stats["peak_in_flight"] = max(host.stats["peak_in_flight"], host._in_flight)

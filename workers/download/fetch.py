@@ -276,12 +276,13 @@ class Fetcher:
         except ValueError:
             raise FetchFailed(f"unsupported url: bad port in {url[:200]}") from None
         addrs = self._checked_addresses(host, port)
+        interval = 0.0  # between request starts, as the host's robots.txt asks (Crawl-delay)
         if not robots_txt and self.robots is not None:
-            self.robots.check(parts.scheme, host, port, url)  # fetches the host's robots.txt once
+            interval = self.robots.check(parts.scheme, host, port, url)  # fetches robots.txt once
         if self.limiter is None:
             return self._exchange(parts, host, port, addrs, budget, robots_txt)[0]
         try:
-            token = self.limiter.acquire(host)
+            token = self.limiter.acquire(host, interval)
         except HostHeldOff as exc:
             raise FetchFailed(str(exc)) from None
         outcome, latency, retry_after = NONE, 0.0, None

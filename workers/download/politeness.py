@@ -220,10 +220,11 @@ class DomainLimiter:
         finally:
             self.release(host, token)
 
-    def _call(self, host: str | None, token: str, reports: dict[str, _Report]) -> tuple[bool, float, bool, float]:
+    def _call(self, host: str | None, token: str, reports: dict[str, _Report],
+              min_interval: float = 0.0) -> tuple[bool, float, bool, float]:
         lim = self.limits
         keys = self._keys(host) if host is not None else ["", ""]
-        args = [token, lim.max_concurrency, 1.0 / lim.max_rate if lim.max_rate > 0 else 0.0,
+        args = [token, lim.max_concurrency, max(1.0 / lim.max_rate if lim.max_rate > 0 else 0.0, min_interval),
                 lim.slot_ttl, lim.state_ttl, lim.horizon]
         for h, rep in reports.items():
             keys += self._keys(h)
@@ -255,10 +256,13 @@ class DomainLimiter:
             reports, self._reports = self._reports, {}
         return reports
 
-    def try_acquire(self, host: str, token: str) -> tuple[bool, float]:
-        """One atomic attempt: (True, start_in_s) with a slot taken, or (False, retry_in_s)."""
+    def try_acquire(self, host: str, token: str, min_interval: float = 0.0) -> tuple[bool, float]:
+        """One atomic attempt: (True, start_in_s) with a slot taken, or (False, retry_in_s).
+
+        `min_interval`: seconds between this host's request starts at the least (its robots.txt
+        Crawl-delay), on top of the adaptive pace and --domain-max-rate."""
         self._unfree()
-        granted, wait, paced, _ = self._call(host, token, self._take_reports())
+        granted, wait, paced, _ = self._call(host, token, self._take_reports(), min_interval)
         with self._lock:
             (self._paced.add if paced else self._paced.discard)(host)
         return granted, wait
@@ -292,31 +296,31 @@ class DomainLimiter:
                 self._reports.setdefault(host, _Report()).tokens.append(token)  # too old: back to Redis
         return None
 
-    def acquire(self, host: str) -> str:
+    def acquire(self, host: str, min_interval: float = 0.0) -> str:
         """Wait for a slot and for the reserved start time; returns the slot's token."""
-        if self._reusable(host):
+        if self._reusable(host) and min_interval <= 0:
             token = self._reuse(host)
             if token is not None:
                 return token
         token = uuid.uuid4().hex
         started = time.monotonic()
-        granted, wait = self.try_acquire(host, token)
+        granted, wait = self.try_acquire(host, token, min_interval)
         if not granted:
             self._check_hold(host, wait)
             with self._lock:
                 gate = self._gates.setdefault(host, threading.Lock())
             with gate:
-                granted, wait = self.try_acquire(host, token)  # what was true before the queue may not be
+                granted, wait = self.try_acquire(host, token, min_interval)  # things changed while queued
                 while not granted:
                     self._check_hold(host, wait)
                     # Ask again a little after the hint, with jitter so workers do not move in lockstep.
                     time.sleep(min(wait, 1.0) + random.uniform(0.0, 0.005))
-                    granted, wait = self.try_acquire(host, token)
+                    granted, wait = self.try_acquire(host, token, min_interval)
         if wait > 0:
             time.sleep(wait)
         with self._lock:
             self.waited_s += time.monotonic() - started
-            if self._reusable(host):
+            if self._reusable(host) and min_interval <= 0:
                 self._granted_at[token] = time.monotonic()
         return token
 

@@ -7,6 +7,8 @@
   --user-agent-token when it is a token, and every --robots-also token (CCBot: the URLs came
   from its crawl, and an operator who shut CCBot out may not know our name); each falls back
   to `*` when the file has no group for it. A URL is disallowed when any of them disallows it.
+- Crawl-delay and Request-rate of those groups set the least time between request starts to the
+  host, fleet-wide (up to MAX_CRAWL_DELAY_S), on top of the adaptive pace.
 - 2xx: the rules; 4xx: no rules (everything allowed, RFC 9309 2.3.1.3); 5xx, 429, a timeout or
   a connection failure: unreachable, so everything is disallowed for a while (2.3.1.4) and
   asked again after ERROR_TTL_S.
@@ -32,6 +34,10 @@ TTL_S = 24 * 3600
 ERROR_TTL_S = 600.0
 LOCAL_ENTRIES = 20_000  # parsed files kept per process
 LOCAL_TTL_S = 3600.0    # a process asks Redis again after this, so a re-fetch reaches everyone
+# Crawl-delay / Request-rate are not in RFC 9309, but polite crawlers (Bing, Yandex) honour
+# them. Past this many seconds a shard of one host's URLs would outlive the task's time limit,
+# so a longer delay is honoured as this one.
+MAX_CRAWL_DELAY_S = 10.0
 TOKEN = re.compile(r"[a-z_-]+")  # what RFC 9309 allows in a product token
 
 
@@ -39,6 +45,9 @@ class _AllowAll:
     """No rules (4xx, or an empty file)."""
     def refusal(self, url: str, tokens: list[str]) -> str | None:
         return None
+
+    def interval(self, tokens: list[str]) -> float:
+        return 0.0
 
 
 class _DisallowAll:
@@ -49,16 +58,35 @@ class _DisallowAll:
     def refusal(self, url: str, tokens: list[str]) -> str | None:
         return f"robots.txt unreachable ({self.why}): every URL of the host disallowed for now (RFC 9309)"
 
+    def interval(self, tokens: list[str]) -> float:
+        return 0.0
+
 
 class _Rules:
     def __init__(self, text: str):
         self.parsed = Protego.parse(text)
+        self._intervals: dict[tuple, float] = {}
 
     def refusal(self, url: str, tokens: list[str]) -> str | None:
         for token in tokens:
             if not self.parsed.can_fetch(url, token):
                 return f"disallowed by robots.txt (for {token})"
         return None
+
+    def interval(self, tokens: list[str]) -> float:
+        """Seconds between requests the groups ask for (Crawl-delay, Request-rate), capped."""
+        key = tuple(tokens)
+        if key not in self._intervals:
+            asked = 0.0
+            for token in tokens:
+                delay = self.parsed.crawl_delay(token)
+                rate = self.parsed.request_rate(token)
+                if delay:
+                    asked = max(asked, float(delay))
+                if rate and rate.requests:
+                    asked = max(asked, rate.seconds / rate.requests)
+            self._intervals[key] = min(asked, MAX_CRAWL_DELAY_S)
+        return self._intervals[key]
 
 
 def _decode(payload: bytes):
@@ -92,13 +120,16 @@ class RobotsRules:
         self._lock = threading.Lock()
         self._authority_locks: dict[str, threading.Lock] = {}
 
-    def check(self, scheme: str, host: str, port: int, url: str) -> None:
-        """Raise FetchFailed (refused "robots.txt" or "robots.txt unreachable") unless `url` may be fetched."""
-        why = self.rules(scheme, host, port).refusal(url, self.tokens)
+    def check(self, scheme: str, host: str, port: int, url: str) -> float:
+        """Raise FetchFailed (refused "robots.txt" or "robots.txt unreachable") unless `url` may be
+        fetched; else the seconds the host asks between requests (Crawl-delay), 0 for none."""
+        rules = self.rules(scheme, host, port)
+        why = rules.refusal(url, self.tokens)
         if why:
             self.fetcher.count("robots_refusals")
             kind = "robots.txt unreachable" if why.startswith("robots.txt unreachable") else "robots.txt"
             raise FetchFailed(why, refused=kind)
+        return rules.interval(self.tokens)
 
     def rules(self, scheme: str, host: str, port: int):
         authority = f"{scheme}://{host}:{port}"

@@ -135,3 +135,18 @@ def test_robots_txt_goes_through_the_address_guard():
             fetcher.fetch(f"http://img.test:{port}/a.jpg")
         assert failed.value.refused == "robots.txt unreachable"
         assert set(connect.attempts) == {("127.0.0.1", port)} and host.stats[200] == 0
+
+
+@pytest.mark.parametrize("robots", ["User-agent: *\nCrawl-delay: 0.3\n", "User-agent: *\nRequest-rate: 10/3s\n"])
+def test_crawl_delay_spaces_requests_for_every_worker(redis_url, robots):
+    import threading
+    with TestHost(image=IMAGE, robots=robots) as host:
+        fetchers = [worker(redis_url), worker(redis_url)]  # two workers sharing the host's pace
+        threads = [threading.Thread(target=fetchers[i % 2].fetch, args=(f"{host.url}/{i}.jpg",)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        times = sorted(host.request_times)
+    assert len(times) == 6
+    assert min(b - a for a, b in zip(times, times[1:])) > 0.25
