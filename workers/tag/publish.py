@@ -7,10 +7,8 @@ layout (KEY.jpg|png|webp, KEY.txt, KEY.json with the same fields), so webdataset
 """
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 from pathlib import Path
 
 import mmh3
@@ -19,8 +17,59 @@ import pyarrow.parquet as pq
 
 from clipfleet.shared import layout
 from clipfleet.shared.storage import Store, shard_name
+# The download stage's ustar header builder: tarfile costs ~40 us a member in Python, which was
+# most of a shard's tagging time; the same goes for reading, hence read_tar below.
+from clipfleet.workers.download.writer import RECORD_SIZE, tar_header
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+WRITE_BUFFER = 1024 * 1024
+
+
+class TarError(ValueError):
+    """An images tar that is not a tar (bad header checksum, cut short)."""
+
+
+def _octal(field: bytes) -> int:
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.split(b"\n"):
+        _, _, keyvalue = record.partition(b" ")
+        key, _, value = keyvalue.partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "replace")
+    return None
+
+
+def read_tar(fileobj, source: str = "tar"):
+    """(name, bytes) of each regular file of a ustar/GNU/pax tar, read as a stream."""
+    long_name, index = None, 0
+    while True:
+        header = fileobj.read(512)
+        if len(header) < 512 or not header.strip(b"\0"):
+            return
+        stored = _octal(header[148:156])
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as spaces
+            raise TarError(f"{source}: member {index} has a bad header checksum: not a tar, or corrupt")
+        size, kind = _octal(header[124:136]), header[156:157]
+        data = fileobj.read(size)
+        if len(data) < size:
+            raise TarError(f"{source}: cut short in member {index}")
+        fileobj.read(-size % 512)
+        index += 1
+        if kind == b"L":  # GNU long name: the next member's
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+            continue
+        if kind in (b"x", b"g"):
+            long_name = _pax_path(data) if kind == b"x" else long_name
+            continue
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
+        name, long_name = long_name or (f"{prefix}/{name}" if prefix else name), None
+        if kind in (b"0", b"\0", b"7"):
+            yield name, data
 
 
 def laion_hash(url: str, text: str) -> int:
@@ -31,13 +80,11 @@ def laion_hash(url: str, text: str) -> int:
 def read_images(store: Store, shard: int, keys: set[str]) -> dict[str, tuple[str, bytes]]:
     """key -> (extension, bytes) of the images of `keys` in images/{shard}.tar, read as a stream."""
     found = {}
-    with store.open(layout.image_shard(shard)) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
+    with store.open(layout.image_shard(shard)) as raw:
+        for name, data in read_tar(raw, layout.image_shard(shard)):
+            key, _, ext = name.rpartition("/")[2].partition(".")
             if key in keys and ext in IMAGE_EXTENSIONS:
-                found[key] = (ext, tar.extractfile(member).read())
+                found[key] = (ext, data)
     return found
 
 
@@ -67,12 +114,6 @@ def _json_value(value):
     return value
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed: the same shard, the same bytes
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard: int, stats) -> dict:
     """Write the published parquet and tar into `out`; returns {store path: local file}."""
     table = dataset_table(meta, tags)
@@ -80,8 +121,8 @@ def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard
     parquet_path, tar_path = out / f"dataset_{name}.parquet", out / f"dataset_{name}.tar"
     pq.write_table(table, parquet_path)
     rows = table.to_pylist()
-    in_tar = 0
-    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+    in_tar, size, pending = 0, 0, bytearray()
+    with open(tar_path, "wb") as tar:
         for row in sorted(rows, key=lambda r: r["key"]):
             image = images.get(row["key"])
             if image is None:
@@ -90,11 +131,20 @@ def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard
             members = {image[0]: image[1], "json": json.dumps(record, ensure_ascii=False).encode(),
                        "txt": (row["TEXT"] or "").encode()}
             for ext in sorted(members):  # a sample's members together, as webdataset groups them
-                _add(tar, f"{row['key']}.{ext}", members[ext])
+                data = members[ext]
+                pending += tar_header(f"{row['key']}.{ext}", len(data))
+                pending += data
+                pending += b"\0" * (-len(data) % 512)
+                size += 512 + len(data) + (-len(data) % 512)
             in_tar += 1
+            if len(pending) >= WRITE_BUFFER:
+                tar.write(pending)
+                pending.clear()
+        pending += b"\0" * (1024 + (-(size + 1024) % RECORD_SIZE))  # two zero blocks, whole records
+        tar.write(pending)
     stats.add("published", len(rows))
     stats.add("published_with_image", in_tar)
     return {layout.dataset_shard(shard, "parquet"): parquet_path, layout.dataset_shard(shard, "tar"): tar_path}
 
 
-__all__ = ["laion_hash", "read_images", "dataset_table", "write_dataset"]
+__all__ = ["laion_hash", "read_tar", "read_images", "dataset_table", "write_dataset", "TarError"]
