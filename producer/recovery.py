@@ -196,7 +196,7 @@ class Sweeper:
                  resumed: bool) -> bool:
         # One sweeper at a time per shard (`run` and `status` may both be sweeping).
         claim = f"clipfleet:recovering:{leases.run_key(self.store.uri)}:{stage}:{shard}"
-        if not self.client.set(claim, "1", nx=True, px=int(leases.suspect_s() * 1000)):
+        if not self.client.set(claim, "1", nx=True, px=max(1000, int(leases.suspect_s() * 1000))):
             return False
         self.suspects.pop((stage, shard), None)
         record = self.store_record(stage, shard) or {"stage": stage, "shard": shard, "events": []}
