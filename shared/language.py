@@ -52,10 +52,10 @@ class LanguageTagger:
 
     CACHE_SIZE = 100_000
 
-    def __init__(self, min_score: float, cache: bool = True):
+    def __init__(self, min_score: float):
         self.min_score = min_score
-        self.cache: dict[str, tuple[str, float]] | None = {} if cache else None
-        self.text_cache: dict[str, tuple[str, float]] | None = {} if cache else None
+        self.cache: dict[str, tuple[str, float]] = {}
+        self.text_cache: dict[str, tuple[str, float]] = {}
         self._model = None
 
     def tag(self, caption: str) -> tuple[str, float]:
@@ -64,8 +64,6 @@ class LanguageTagger:
     def tag_many(self, captions: list[str]) -> list[tuple[str, float]]:
         """tag() of each caption, with the cache looked up inline: a shard has thousands."""
         cache, tag = self.cache, self.tag
-        if cache is None:
-            return [tag(caption) for caption in captions]
         return [cache.get(caption) or tag(caption) for caption in captions]
 
     def _predict(self, caption: str) -> tuple[str, float]:
@@ -102,10 +100,8 @@ class LanguageTagger:
         code, p = ([(c, p) for c, p in others if c in prefer] or others)[0]
         return code, min(p / total, 1.0)
 
-    def _remembered(self, cache: dict | None, key: str, compute) -> tuple[str, float]:
-        """compute(key), kept in `cache` (when caching) up to CACHE_SIZE entries."""
-        if cache is None:
-            return compute(key)
+    def _remembered(self, cache: dict, key: str, compute) -> tuple[str, float]:
+        """compute(key), kept in `cache` up to CACHE_SIZE entries."""
         known = cache.get(key)
         if known is None:
             if len(cache) >= self.CACHE_SIZE:

@@ -47,7 +47,7 @@ def test_language_text_shortcut_keeps_its_meaning():
 def test_language_is_predicted_once_per_text():
     tagger = LanguageTagger(min_score=0.3)
     first = tagger.tag("IMG_0566.JPG")
-    assert first == LanguageTagger(0.3, cache=False).tag("IMG_0566.JPG")
+    assert first == LanguageTagger(0.3).tag("IMG_0566.JPG")
 
     class NoModel:
         def predict(self, text):
