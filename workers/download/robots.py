@@ -32,7 +32,8 @@ from clipfleet.workers.download.options import DownloadOptions
 PREFIX = "clipfleet:robots"
 TTL_S = 24 * 3600
 ERROR_TTL_S = 600.0
-LOCAL_ENTRIES = 20_000  # parsed files kept per process
+LOCAL_ENTRIES = 20_000  # parsed files kept per process ...
+LOCAL_BYTES = 64 * 2**20  # ... and at most this much robots.txt text behind them (a file can be 500 KiB)
 LOCAL_TTL_S = 3600.0    # a process asks Redis again after this, so a re-fetch reaches everyone
 # Crawl-delay / Request-rate are not in RFC 9309, but polite crawlers (Bing, Yandex) honour
 # them. Past this many seconds a shard of one host's URLs would outlive the task's time limit,
@@ -65,6 +66,7 @@ class _DisallowAll:
 class _Rules:
     def __init__(self, text: str):
         self.parsed = Protego.parse(text)
+        self.size = len(text)
         self._intervals: dict[tuple, float] = {}
 
     def refusal(self, url: str, tokens: list[str]) -> str | None:
@@ -116,7 +118,8 @@ class RobotsRules:
         self.prefix = prefix
         self.ttl_s, self.error_ttl_s = ttl_s, error_ttl_s
         self.wait_s = opts.download_timeout + 5  # for another worker's fetch, then we fetch ourselves
-        self._local: OrderedDict[str, tuple[float, object]] = OrderedDict()
+        self._local: OrderedDict[str, tuple[float, object, int]] = OrderedDict()  # expiry, rules, size
+        self._local_bytes = 0
         self._lock = threading.Lock()
         self._authority_locks: dict[str, threading.Lock] = {}
 
@@ -143,9 +146,11 @@ class RobotsRules:
             if found is None:
                 found, ttl = self._shared(authority, scheme, host, port)
                 with self._lock:
-                    self._local[authority] = (time.monotonic() + min(ttl, LOCAL_TTL_S), found)
-                    while len(self._local) > LOCAL_ENTRIES:
-                        self._local.popitem(last=False)
+                    size = getattr(found, "size", 0)
+                    self._local[authority] = (time.monotonic() + min(ttl, LOCAL_TTL_S), found, size)
+                    self._local_bytes += size
+                    while len(self._local) > LOCAL_ENTRIES or self._local_bytes > LOCAL_BYTES:
+                        self._local_bytes -= self._local.popitem(last=False)[1][2]
         with self._lock:
             if len(self._authority_locks) > LOCAL_ENTRIES:
                 self._authority_locks = {a: l for a, l in self._authority_locks.items() if l.locked()}
@@ -157,7 +162,7 @@ class RobotsRules:
             if entry is None:
                 return None
             if entry[0] <= time.monotonic():
-                del self._local[authority]
+                self._local_bytes -= self._local.pop(authority)[2]
                 return None
             self._local.move_to_end(authority)
             return entry[1]

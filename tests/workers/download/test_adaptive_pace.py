@@ -52,9 +52,12 @@ def test_a_429_pauses_the_host_for_every_worker_and_cuts_its_pace_to_what_it_ser
     state = b.state(HOST)
     assert state["beta"] == 0.7 and 0.5 * served < state["rmax"] <= served
     time.sleep(0.55)
-    gaps = [y - x for x, y in zip(*(lambda t: (t, t[1:]))(starts(b, 6)))]
+    t = starts(b, 7)
     expected = 1 / (0.7 * state["rmax"])  # the rate right after a cut
-    assert all(0.7 * expected < gap < 1.6 * expected for gap in gaps[1:]), (gaps, expected)
+    # Starts are reserved one interval apart; a thread that wakes late does not push the next
+    # one back, so single gaps vary with the scheduler and their mean is what the pace holds.
+    mean_gap = (t[-1] - t[1]) / (len(t) - 2)
+    assert 0.7 * expected < mean_gap < 1.6 * expected, (mean_gap, expected)
 
 
 def test_a_burst_of_refusals_cuts_once_and_errors_cut_less(redis_url):
