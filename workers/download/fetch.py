@@ -206,6 +206,11 @@ class Fetcher:
         with self._counts_lock:
             self.counts[name] += n
 
+    def counted(self) -> dict[str, float]:
+        """A copy of the counts, safe while fetching threads add to them."""
+        with self._counts_lock:
+            return dict(self.counts)
+
     def fetch(self, url: str) -> bytes:
         """The body of the image at `url`, or FetchFailed with a message that says why not."""
         return self._fetch(url, robots_txt=False)

@@ -245,12 +245,12 @@ class DownloadStage(Stage):
             urls = pq.read_table(f)
         fetcher = self.fetcher()
         waited_before = fetcher.limiter.waited_s if fetcher.limiter is not None else 0.0
-        counts_before = dict(fetcher.counts)
+        counts_before = fetcher.counted()
         output = download_shard(urls, shard, out, fetcher, self.options, self.blocklist,
                                 self.pool, self.run_config.input.shard_size, stats)
         if fetcher.limiter is not None:  # thread-seconds spent waiting for a polite turn
             stats.put("politeness_wait_s", round(fetcher.limiter.waited_s - waited_before, 1))
-        for name, value in sorted(fetcher.counts.items()):  # 429/503s, retries, robots.txt fetches
+        for name, value in sorted(fetcher.counted().items()):  # 429/503s, retries, robots.txt fetches
             delta = value - counts_before.get(name, 0)
             if name == "robots_seconds":
                 stats.put("robots_txt_s", round(delta, 2))
