@@ -29,7 +29,9 @@ from clipfleet.shared.runconfig import RUN_FILE, RunConfig
 from clipfleet.shared.storage import Store
 
 # Samples in and out for stages producer/counts.py does not map (their own stat names).
-EXTRA_SAMPLE_KEYS = {"clip": ("samples", "kept"), "embed": ("vectors", "vectors"), "tag": ("tagged", "published")}
+EXTRA_SAMPLE_KEYS = {"clip": ("samples", "kept"), "embed": ("vectors", "vectors"), "tag": ("tagged", "published"),
+                     "index": ("vectors", "vectors")}
+INDEX_INFOS = {"image": f"{layout.INDEX}/infos.json", "text": f"{layout.INDEX}/text/infos.json"}
 NOT_DROPS = {"politeness", "judged_by"}  # groups of counts that are no reason a sample was lost
 # What LAION-5B reported (blog and paper), shown beside the run's numbers.
 LAION_LANGUAGES = {"en": 2.32e9, "other": 2.26e9, "none": 1.27e9}
@@ -266,12 +268,23 @@ def build_report(store: Store, max_shards: int = 32, grid: int = 12, progress: b
     page.tags(samples)
     page.sizes(samples, cfg.download.image_size)
     page.throughput(views)
+    page.index(store)
     page.grid(store, samples, grid)
     return page.html()
 
 
 def _e(value) -> str:
     return html.escape(str(value))
+
+
+def _bytes(n) -> str:
+    if not isinstance(n, (int, float)):
+        return "–"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.1f} {unit}"
+        n /= 1000
+    return "–"
 
 
 def _n(value) -> str:
@@ -311,7 +324,8 @@ class Page:
                  f"{len(cfg.inputs)} {cfg.input_kind} inputs, until {until}; state: {state}</p>")
         self.add("<nav>" + " · ".join(f'<a href="#{a}">{t}</a>' for a, t in (
             ("funnel", "funnel"), ("languages", "languages"), ("similarity", "similarity"), ("tags", "tags"),
-            ("sizes", "image sizes"), ("throughput", "throughput"), ("samples", "samples"))) + "</nav>")
+            ("sizes", "image sizes"), ("throughput", "throughput"), ("index", "index"),
+            ("samples", "samples"))) + "</nav>")
         rows = [["inputs", ", ".join(cfg.inputs[:3]) + (" …" if len(cfg.inputs) > 3 else "")],
                 ["CLIP filter", f"{cfg.clip.filter_model} (en ≥ {cfg.clip.min_similarity_en}), "
                                 f"{cfg.clip.multilingual_filter_model} (others ≥ {cfg.clip.min_similarity_other})"],
@@ -425,6 +439,26 @@ class Page:
         durations = [[s, len(v.markers), f"{v.work_s():,.1f}", f"{np.median([m.get('duration_s') or 0 for m in v.markers]):.2f}"]
                      for s, v in views.items() if v.markers]
         self.table(["stage", "shards", "worker seconds", "median seconds per shard"], durations)
+
+    def index(self, store: Store) -> None:
+        self.section("Serving index", "index")
+        rows = []
+        for modality, rel in INDEX_INFOS.items():
+            try:
+                infos = store.read_json(rel)
+            except (FileNotFoundError, ValueError):
+                continue
+            latency = infos.get("latency_ms") or {}
+            rows.append([modality, infos.get("index_key", "–"), infos.get("generation", "–"),
+                         len(infos.get("shards") or []), _bytes(infos.get("size_bytes")),
+                         infos.get("recall@1", "–"), infos.get("recall@10", "–"),
+                         f"{latency.get('p50', '–')} / {latency.get('p99', '–')}"])
+        if not rows:
+            self.note("no serving index yet (the index is merged when every shard is indexed)")
+            return
+        self.table(["modality", "key", "generation", "shards", "size", "recall@1", "recall@10",
+                    "ms per query p50 / p99"], rows)
+        self.note("recall measured by the index stage on held-out text queries against exact search")
 
     def grid(self, store: Store, samples: Samples, per_kind: int) -> None:
         self.section("Samples kept and dropped", "samples")

@@ -125,7 +125,7 @@ def image_sizes(original: np.ndarray, stored: np.ndarray, image_size: int) -> st
     axes[0].axvline(image_size, color="black", linestyle="--", label=f"--image-size {image_size}")
     axes[0].set_title(f"original longest side ({len(original):,} images)")
     axes[0].legend(fontsize=8)
-    axes[1].hist(stored, bins=30, color="#17becf")
+    axes[1].hist(stored, bins=30, range=(0, max(float(stored.max()), 1.0) * 1.05), color="#17becf")
     axes[1].set_title("stored longest side")
     for ax in axes:
         ax.set_xlabel("pixels")

@@ -48,16 +48,16 @@ def redis_server(workdir: Path):
 
 
 def run_config(store_uri: str, wat: str, **options) -> RunConfig:
-    settings = {"inputs": [wat], "input_kind": "wat", "until": "tag", "shard_size": SHARD_SIZE,
+    settings = {"inputs": [wat], "input_kind": "wat", "until": "index", "shard_size": SHARD_SIZE,
                 "allow_private_addresses": True, "download_timeout": 4.0, "download_retries": 0,
                 "domain_max_concurrency": 64, "domain_max_rate": 0.0,
                 "filter_model": "shapes", "multilingual_filter_model": "shapes", "embed_model": "shapes",
-                **options}
+                "index_text": True, **options}
     return RunConfig.make(store=store_uri, **settings)
 
 
-def build_run_store(store_uri: str, world: Path, workdir: Path, stop_after: str = "tag") -> dict:
-    """Run extract -> download -> clip -> embed -> tag over the world's first WAT into `store_uri`.
+def build_run_store(store_uri: str, world: Path, workdir: Path, stop_after: str = "index") -> dict:
+    """Run extract -> download -> clip -> embed -> tag -> index over the world's first WAT into `store_uri`.
     Returns {"shards": url shard ids, "real": stage names that ran their real implementation}."""
     import redis
 
@@ -92,8 +92,36 @@ def build_run_store(store_uri: str, world: Path, workdir: Path, stop_after: str 
         for shard in shards:
             execute(stage, store, shard)
         if name == stop_after:
-            break
+            return {"shards": shards, "real": real}
+    write_index(store, shards)
+    real.append("index")
     return {"shards": shards, "real": real}
+
+
+def write_index(store: Store, shards: list[int]) -> list[str]:
+    """index/ through the real index stage, as the fleet drives it: each shard's partial, the
+    run-once train and merge tasks whenever they are due. Returns what ran, in order."""
+    from clipfleet.workers.index.stage import IndexStage, MergeIndex, TrainIndex
+    cfg = RunConfig.load(store)
+    stage, train, merge = IndexStage(cfg), TrainIndex(cfg), MergeIndex(cfg)
+    ran = []
+
+    def once(task) -> bool:
+        key = task.due(store)
+        if key is None or store.marker(task.name, key) is not None:
+            return False
+        execute(task, store, key)
+        task.after(store.uri, key)
+        ran.append(f"{task.name} {key}")
+        return True
+
+    for shard in shards:
+        execute(stage, store, shard)
+        ran.append(f"index {shard}")
+        if once(train):
+            once(merge)
+        once(merge)
+    return ran
 
 
 def _real_stage(name: str, cfg: RunConfig) -> Stage | None:
@@ -262,7 +290,7 @@ def report_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def built_run(tmp_path_factory, report_world):
-    """(store directory, {"shards", "real"}) of a run taken through tag."""
+    """(store directory, {"shards", "real"}) of a run taken through index."""
     work = tmp_path_factory.mktemp("report-run")
     info = build_run_store(str(work / "store"), report_world, work)
     return work / "store", info

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -120,7 +121,9 @@ def test_report_numbers_are_the_runs(built_run):
     assert number(stages["clip"][3]) == len(judged) and number(stages["clip"][4]) == len(kept)
     published = sum(pq.read_table(store.path(layout.dataset_shard(s, "parquet"))).num_rows for s in info["shards"])
     assert number(stages["tag"][4]) == published == len(kept)
-    assert stages["index"][1] == "0"  # not run: shown, with nothing done
+    assert number(stages["index"][3]) == len(kept)  # every published vector indexed
+    index = {row[0]: row for row in page.table("modality")[1:]}
+    assert set(index) == {"image", "text"} and index["image"][3] == str(len(info["shards"]))
 
     # Every drop reason of extract is listed with its count; download's failures are named.
     drops = dict(page.table_under("extract:"))
@@ -191,9 +194,9 @@ def test_report_renders_in_headless_chromium(built_run, tmp_path):
 
 def test_report_on_a_running_run(run_copy):
     store = Store(str(run_copy))
-    for stage in ("embed", "tag"):
-        for name in store.list(f"_markers/{stage}"):
-            (run_copy / "_markers" / stage / name).unlink()
+    for stage in ("embed", "tag", "index", "index-part", "index-train", "index-merge"):
+        shutil.rmtree(run_copy / "_markers" / stage, ignore_errors=True)
+    shutil.rmtree(run_copy / "index")
     # clip's last shard has its table but no marker yet: it is not counted, not read.
     (run_copy / marker_path("clip", 3)).unlink()
     page = Parsed(build_report(store))
@@ -203,7 +206,7 @@ def test_report_on_a_running_run(run_copy):
     judged = clip_rows(store, [0, 1, 2])
     assert number(stages["clip"][3]) == len(judged)
     text = "".join(page.text)
-    assert "no shard has been tagged yet" in text
+    assert "no shard has been tagged yet" in text and "no serving index yet" in text
     assert "from the clip tables of 3 shards" in text
     assert [i["alt"] for i in page.images if i.get("class") == "plot"] == [
         "funnel", "language split", "similarity", "image sizes", "throughput"]
