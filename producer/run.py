@@ -298,7 +298,7 @@ def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, 
                     bar.set_postfix(postfix, refresh=False)
                     bar.refresh()
                     shown[p.stage] = (drawn_counts, time.monotonic())
-            if all(p.finished for p in state):
+            if all(p.finished for p in state) and _run_once_settled(store, stages):
                 return state
             if fleet is not None and fleet.dead():
                 raise RunError(f"fleet process exited: {', '.join(fleet.dead())}")
@@ -306,6 +306,17 @@ def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, 
     finally:
         for bar in bars.values():
             bar.close()
+
+
+def _run_once_settled(store: Store, stages: list[str]) -> bool:
+    """Stages whose work ends in run-once tasks (the index's merge) are finished only when
+    those have nothing left to do (shared/pipeline.run_once_settled, where the tree has it)."""
+    try:
+        from clipfleet.shared.pipeline import run_once_settled
+    except ImportError:
+        return True
+    cfg = RunConfig.load(store) if store.exists(RUN_FILE) else None
+    return all(run_once_settled(store, s, cfg) for s in stages)
 
 
 def _pending(state: list[StageProgress], first: list[FirstTask], issued: set | None) -> dict[str, set[int]]:
