@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from clipfleet.shared import layout
 from clipfleet.shared.models import model_folder

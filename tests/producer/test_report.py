@@ -14,7 +14,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from clipfleet.producer.counts import totals
@@ -112,13 +111,13 @@ def test_report_numbers_are_the_runs(built_run):
     page = Parsed(build_report(store))
     stages = {row[0]: row for row in page.table("stage")[1:]}
     extract, download = totals(store.markers("extract")), totals(store.markers("download"))
-    clip = totals(store.markers("clip"))
     assert number(stages["extract"][3]) == extract["img_links"] and number(stages["extract"][4]) == extract["pairs"]
     assert number(stages["download"][3]) == download["count"] == extract["pairs"]
     assert number(stages["download"][4]) == download["success"]
     judged = clip_rows(store, info["shards"])
     kept = [r for r in judged if r["kept"]]
     assert number(stages["clip"][3]) == len(judged) and number(stages["clip"][4]) == len(kept)
+    assert totals(store.markers("clip"))["kept"] == len(kept)
     published = sum(pq.read_table(store.path(layout.dataset_shard(s, "parquet"))).num_rows for s in info["shards"])
     assert number(stages["tag"][4]) == published == len(kept)
     assert number(stages["index"][3]) == len(kept)  # every published vector indexed
