@@ -137,7 +137,7 @@ def tag_head_scores(heads, image_embeddings, drawn) -> dict[str, dict]:
 
 
 def evaluate_loaded(model, preprocess, tokenizer, heads=None, per_class: int = 10,
-                    seed: int = 12345) -> dict:
+                    seed: int = 12345, aesthetic_head=None) -> dict:
     pictures, drawn = draw_sample(per_class, seed)
     image_embeddings = embed_images(model, preprocess, pictures)
     zero_shot = zero_shot_accuracy(model, tokenizer, image_embeddings, drawn)
@@ -151,6 +151,11 @@ def evaluate_loaded(model, preprocess, tokenizer, heads=None, per_class: int = 1
     }
     if heads:
         result["tag_heads"] = tag_head_scores(heads, image_embeddings, drawn)
+    if aesthetic_head is not None:  # graded: Spearman against the 1-10 stand-in rating
+        from clipfleet.shared.models.heads import spearman
+        result["aesthetic_head"] = {"spearman": spearman([d.aesthetic for d in drawn],
+                                                         aesthetic_head.score_embeddings(image_embeddings)),
+                                    "samples": len(drawn)}
     return result
 
 
@@ -204,7 +209,19 @@ def evaluate_model(name: str, per_class: int = 10, seed: int = 12345, device: st
         heads = load_tag_heads(name)
     except ModelNotAvailable:
         heads = None
-    return {"model": name, **evaluate_loaded(model, preprocess, tokenizer, heads, per_class, seed)}
+    return {"model": name, **evaluate_loaded(model, preprocess, tokenizer, heads, per_class, seed,
+                                             _aesthetic_head(name))}
+
+
+def _aesthetic_head(name: str):
+    """The aesthetic head shipped beside a model laid out like shapes/, if it has one."""
+    from clipfleet.shared.models import model_folder
+    from clipfleet.shared.models.heads import HeadError, shipped_head
+    folder = model_folder(name)
+    try:
+        return shipped_head(folder, "aesthetic") if folder is not None else None
+    except HeadError:
+        return None
 
 
 def print_report(result: dict) -> None:
@@ -221,5 +238,8 @@ def print_report(result: dict) -> None:
     for tag, scores in result.get("tag_heads", {}).items():
         print(f"tag head {tag:<9} accuracy {scores['accuracy']:.3f}  ROC AUC {scores['roc_auc']:.3f}"
               f"  ({scores['positives']} of {scores['samples']} positive)")
+    if "aesthetic_head" in result:
+        print(f"aesthetic head  Spearman {result['aesthetic_head']['spearman']:.3f} against the sandbox's "
+              f"1-10 rating ({result['aesthetic_head']['samples']} images)")
     if "tag_heads" not in result:
         print("tag heads: none for this model")

@@ -72,6 +72,10 @@ def test_tag_heads_detect_watermark_and_unsafe(fresh_evaluation):
         assert scores["accuracy"] >= 0.85, (tag, scores)
 
 
+def test_the_aesthetic_head_ranks_the_stand_in_rating(fresh_evaluation):
+    assert fresh_evaluation["aesthetic_head"]["spearman"] >= 0.8, fresh_evaluation["aesthetic_head"]
+
+
 def test_tag_heads_give_probabilities(shapes):
     heads = load_tag_heads("shapes")
     assert set(heads) == {"watermark", "unsafe"}
@@ -131,4 +135,4 @@ def test_models_cli_lists_and_evaluates(capsys):
     out = capsys.readouterr().out
     assert "zero-shot accuracy over 48 colour x shape classes" in out
     assert "matched" in out and "mismatched" in out
-    assert "tag head watermark" in out and "tag head unsafe" in out
+    assert "tag head watermark" in out and "tag head unsafe" in out and "aesthetic head  Spearman" in out
