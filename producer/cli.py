@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     src_plan.add_argument("--from-bench", metavar="FILE", help="per-worker throughput from `make bench`'s "
                                                                ".bench/results.json")
     src_plan.add_argument("--store", help="per-worker throughput, success and keep rates from a run's markers")
+    pl.add_argument("--image-size", type=int, help="stored image size the storage is sized for (default: "
+                                                   "the run's with --store, else 256; measured bytes win)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=cmd_plan)
 

@@ -290,6 +290,10 @@ def run_plan(args) -> int:
         measured = from_bench(args.from_bench)
     elif getattr(args, "store", None):
         measured, notes, image_size = from_store(args.store)
+    if getattr(args, "image_size", None):
+        image_size = args.image_size
+        if "bytes_per_image" in measured:
+            notes.append(f"--image-size {image_size}: the run's measured bytes per image are used as they are")
     plan = make_plan(args.samples, args.days, measured, image_size=image_size)
     plan.notes += notes
     print(json.dumps(plan.as_dict(), indent=1) if args.json else render(plan))

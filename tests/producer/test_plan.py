@@ -141,3 +141,10 @@ def test_plan_prints_every_assumption():
         assert f"  {name} = " in proc.stdout
     assert "GPUs:" in proc.stdout and "dedup claims" in proc.stdout and "Gbit/s" in proc.stdout
     assert isinstance(DEFAULTS["keep_rate"], Figure)
+
+
+def test_image_size_flag_sizes_the_images():
+    plans = [json.loads(cli("--samples", "1e9", "--days", "7", "--json", *extra).stdout)
+             for extra in ((), ("--image-size", "512"))]
+    key = "images/ (every downloaded image)"
+    assert plans[1]["storage_bytes"][key] == pytest.approx(4 * plans[0]["storage_bytes"][key])
