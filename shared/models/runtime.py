@@ -92,7 +92,7 @@ class Encoder:
         if dim is None:  # every open_clip tower sets output_dim; measure if one does not
             import torch
             size = self.image_size
-            with torch.inference_mode():
+            with torch.no_grad():
                 dim = self.model.encode_image(torch.zeros(1, 3, size, size, device=self.device)).shape[-1]
         return dim
 
@@ -101,6 +101,8 @@ class Encoder:
         size = getattr(self.model.visual, "image_size", 224)
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
+    # torch.no_grad, not inference_mode: measured on ViT-B/32, one core, CPU autocast bf16 ran
+    # at 0.8 images/s under inference_mode (fp32: 2.2) and at 10.2 under no_grad (fp32: 3.9).
     def _autocast(self, precision: str | None = None):
         import torch
         precision = precision or self.precision
@@ -117,7 +119,7 @@ class Encoder:
     def images(self, pixels, precision: str | None = None):
         import torch
         self._own_threads()
-        with torch.inference_mode(), self._autocast(precision):
+        with torch.no_grad(), self._autocast(precision):
             out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return torch.nn.functional.normalize(out.float(), dim=-1)
 
@@ -130,7 +132,7 @@ class Encoder:
         tokens = captions_or_tokens
         if not isinstance(tokens, torch.Tensor):
             tokens = self.tokens(tokens)
-        with torch.inference_mode(), self._autocast(precision):
+        with torch.no_grad(), self._autocast(precision):
             out = self.model.encode_text(tokens.to(self.device, non_blocking=True))
         return torch.nn.functional.normalize(out.float(), dim=-1)
 

@@ -169,6 +169,17 @@ def decode_jpegs_on_gpu(blobs: list[bytes]) -> list:
         return out
 
 
+def _one_torch_thread() -> None:
+    # A new thread's OpenMP team would span every core and fight the model's threads; a
+    # decode thread's few tensor ops (ToTensor, Normalize) need no team.
+    import torch
+    torch.set_num_threads(1)
+
+
+def decode_pool(threads: int, name: str) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=_one_torch_thread)
+
+
 def preprocessor(encoder, pool: ThreadPoolExecutor, gpu_decode: bool = True):
     if encoder.device == "cuda" and gpu_decode:
         return CudaJpegPreprocess(encoder, pool)
@@ -198,6 +209,7 @@ def prepared_batches(samples: Iterable[Sample], route: Callable[[Sample], str],
 
     def produce():
         try:
+            _one_torch_thread()  # it stacks and tokenizes beside the model's threads
             pending: dict[str, list] = {name: [] for name in preprocessors}
             for sample in samples:
                 if stop.is_set():

@@ -27,7 +27,7 @@ from clipfleet.shared import layout
 from clipfleet.shared.models.runtime import choose_device, encoder, split_threads
 from clipfleet.shared.pipeline import STAGES, Stage, StageOutput, Stats
 from clipfleet.shared.storage import Store
-from clipfleet.workers.clip.batches import prepared_batches, preprocessor
+from clipfleet.workers.clip.batches import decode_pool, prepared_batches, preprocessor
 from clipfleet.workers.clip.reader import Sample, downloaded_samples, read_rows
 
 log = logging.getLogger("clipfleet.clip")
@@ -60,7 +60,7 @@ class ClipStage(Stage):
     def pool(self) -> ThreadPoolExecutor:
         if self._pool is None:  # created in the worker process, on first use
             _, decode = split_threads(choose_device(self.options.clip_device), self.options.clip_threads)
-            self._pool = ThreadPoolExecutor(decode, thread_name_prefix="clip-decode")
+            self._pool = decode_pool(decode, "clip-decode")
         return self._pool
 
     def reuse_for_embed(self) -> bool:

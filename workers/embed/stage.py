@@ -28,7 +28,7 @@ from clipfleet.shared import layout
 from clipfleet.shared.models.runtime import choose_device, encoder, split_threads
 from clipfleet.shared.pipeline import Stage, StageOutput, Stats
 from clipfleet.shared.storage import Store
-from clipfleet.workers.clip.batches import prepared_batches, preprocessor
+from clipfleet.workers.clip.batches import decode_pool, prepared_batches, preprocessor
 from clipfleet.workers.clip.reader import downloaded_samples, read_rows
 
 METADATA_SCHEMA = pa.schema([
@@ -51,7 +51,7 @@ class EmbedStage(Stage):
     def pool(self) -> ThreadPoolExecutor:
         if self._pool is None:  # created in the worker process, on first use
             _, decode = split_threads(choose_device(self.options.embed_device), self.options.embed_threads)
-            self._pool = ThreadPoolExecutor(decode, thread_name_prefix="embed-decode")
+            self._pool = decode_pool(decode, "embed-decode")
         return self._pool
 
     def run(self, store: Store, shard: int, out: Path, stats: Stats) -> StageOutput:
