@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -28,6 +29,8 @@ from protego import Protego
 
 from clipfleet.workers.download.fetch import PRODUCT, FetchFailed
 from clipfleet.workers.download.options import DownloadOptions
+
+log = logging.getLogger("clipfleet.download")
 
 PREFIX = "clipfleet:robots"
 TTL_S = 24 * 3600
@@ -91,13 +94,23 @@ class _Rules:
         return self._intervals[key]
 
 
+def _parse(text: str):
+    """The rules of a robots.txt; a file Protego cannot take is read as having none (RFC 9309
+    ignores what it cannot parse), so a parser failure never costs a whole host's images."""
+    try:
+        return _Rules(text)
+    except Exception:  # noqa: BLE001 (a third-party parser on text from the web)
+        log.warning("robots.txt could not be parsed; read as no rules", exc_info=True)
+        return _AllowAll()
+
+
 def _decode(payload: bytes):
     kind, rest = payload[:1], payload[1:]
     if kind == b"A":
         return _AllowAll()
     if kind == b"D":
         return _DisallowAll(rest.decode("utf-8", "replace"))
-    return _Rules(zlib.decompress(rest).decode("utf-8", "replace"))
+    return _parse(zlib.decompress(rest).decode("utf-8", "replace"))
 
 
 def obeyed_tokens(opts: DownloadOptions) -> list[str]:
@@ -206,7 +219,7 @@ class RobotsRules:
             self.fetcher.count("robots_seconds", time.monotonic() - started)
         if 200 <= answer.status < 300:
             text = answer.body.decode("utf-8", "replace")
-            return _Rules(text), b"R" + zlib.compress(text.encode("utf-8"), 6), self.ttl_s
+            return _parse(text), b"R" + zlib.compress(text.encode("utf-8"), 6), self.ttl_s
         if 400 <= answer.status < 500:
             return _AllowAll(), b"A", self.ttl_s
         why = f"http {answer.status}"

@@ -150,3 +150,10 @@ def test_crawl_delay_spaces_requests_for_every_worker(redis_url, robots):
         times = sorted(host.request_times)
     assert len(times) == 6
     assert (times[-1] - times[0]) / 5 > 0.25  # 0.3 s apart on average (one late wake-up may shorten one gap)
+
+
+@pytest.mark.parametrize("robots", ["\x00\xff\xfe binary \x89PNG\r\n", "<html><body>Not found</body></html>",
+                                    "Disallow: /before-any-group/\n", "User-agent: *\nDisallow: /" + "é" * 5000 + "\n"])
+def test_a_robots_txt_of_junk_costs_no_image_and_no_crash(robots):
+    with TestHost(image=IMAGE, robots=robots) as host:
+        assert outcome(worker(None), host.url + "/a.jpg") == "fetched"
