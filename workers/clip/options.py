@@ -36,7 +36,7 @@ class ClipOptions:
               "calibrated for, else LAION's 0.26)", check=_cosine)
     clip_batch_size: int = option(256, "samples per forward pass of the filter models", check=_positive)
     clip_device: str = option("auto", "where the filter models run (auto: cuda when present)", choices=DEVICES)
-    clip_precision: str = option("auto", "fp16 on cuda; on CPU bf16 where it has native bf16 and the first "
+    clip_precision: str = option("auto", "auto: fp16 on cuda; on CPU bf16 where it has native bf16 and the first "
                                          "batch's similarities stay within 0.01 of fp32, else fp32",
                                  choices=PRECISIONS)
     clip_threads: int = option(0, "torch threads on CPU (0: all cores but one; decoding gets the rest)",

@@ -21,7 +21,7 @@ class EmbedOptions:
     embed_batch_size: int = option(256, "samples per forward pass of the embedding model", check=_positive)
     embed_device: str = option("auto", "where the embedding model runs (auto: cuda when present)",
                                choices=DEVICES)
-    embed_precision: str = option("auto", "fp16 on cuda; on CPU bf16 where it has native bf16 and the first "
+    embed_precision: str = option("auto", "auto: fp16 on cuda; on CPU bf16 where it has native bf16 and the first "
                                           "batch's similarities stay within 0.01 of fp32, else fp32",
                                   choices=PRECISIONS)
     embed_threads: int = option(0, "torch threads on CPU (0: all cores but one; decoding gets the rest)",
