@@ -32,8 +32,8 @@ NOT_DROPS = {"politeness", "judged_by"}  # groups of counts that are no reason a
 # What LAION-5B reported (blog and paper), shown beside the run's numbers.
 LAION_LANGUAGES = {"en": 2.32e9, "other": 2.26e9, "none": 1.27e9}
 LAION_FACTS = [
-    ("candidates kept by the CLIP filter", "about 10% (50+ billion candidates to 5.85 billion)"),
-    ("English / other / no language", "2.32 B / 2.26 B / 1.27 B (40% / 39% / 22%)"),
+    ("kept by the CLIP filter", "about 10% of 50+ billion candidates (5.85 billion)"),
+    ("English / other / no language, of the kept", "2.32 B / 2.26 B / 1.27 B (40% / 39% / 22%)"),
     ("punsafe > 0.5", "2.9% to 3.3% per bucket"),
     ("pwatermark > 0.8", "4% to 6% per bucket"),
 ]
@@ -259,6 +259,7 @@ def build_report(store: Store, max_shards: int = 32, grid: int = 12, progress: b
     from clipfleet.producer.report_page import Page
     page = Page(f"clipfleet report: {store.uri}")
     page.header(cfg, views, samples)
+    page.comparison(views, samples)
     page.funnel(views)
     page.languages(views, samples)
     page.similarity(samples, thresholds(cfg, views))

@@ -93,6 +93,24 @@ class Page:
         for problem in samples.problems:
             self.add(f'<p class="problem">{_e(problem)}</p>')
 
+    def comparison(self, views, samples: Samples) -> None:
+        """The few numbers LAION's blog led with, this run's beside them."""
+        clip = views["clip"]
+        keep = f"{100 * clip.samples_out / clip.samples_in:.1f}% of {clip.samples_in:,} judged" \
+            if clip.samples_in else "–"
+        candidates = views["extract"].samples_out
+        if clip.samples_in and candidates:
+            keep += f" ({100 * clip.samples_out / candidates:.1f}% of {candidates:,} candidates)"
+        kept = Counter(language_bucket(r.get("language")) for r in samples.images if r.get("kept"))
+        total = sum(kept.values())
+        split = " / ".join(f"{100 * kept[b] / total:.0f}%" for b in plots.BUCKETS) if total else "–"
+        tags = {c: np.array(samples.tags[c]) for c in ("punsafe", "pwatermark") if samples.tags.get(c)}
+        unsafe = f"{100 * (tags['punsafe'] > 0.5).mean():.2f}%" if "punsafe" in tags else "–"
+        mark = f"{100 * (tags['pwatermark'] > 0.8).mean():.2f}%" if "pwatermark" in tags else "–"
+        ours = [keep, split, unsafe, mark]
+        self.table(["at a glance", "this run", "LAION-5B"],
+                   [[name, mine, theirs] for (name, theirs), mine in zip(LAION_FACTS, ours)])
+
     def funnel(self, views) -> None:
         self.section("Funnel: samples in and out of every stage, and why the rest were dropped", "funnel")
         rows = [(s, v.samples_in, v.samples_out) for s, v in views.items() if v.samples_in is not None]
@@ -226,8 +244,6 @@ class Page:
                 self.add(f'<div class="cell" data-key="{_e(r["key"])}" data-shard="{r["shard"]}">{picture}<p class="cap">{_e((r.get("caption") or "")[:140])}</p>'
                          f'<p class="meta">{_e(" · ".join(meta))}</p></div>')
             self.add("</div>")
-        self.add("<h3>LAION-5B, for comparison</h3>")
-        self.table(["", "LAION-5B"], [list(f) for f in LAION_FACTS])
 
     def html(self) -> str:
         return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(self.title)}</title>"

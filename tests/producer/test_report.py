@@ -124,6 +124,9 @@ def test_report_numbers_are_the_runs(built_run):
     index = {row[0]: row for row in page.table("modality")[1:]}
     assert set(index) == {"image", "text"} and index["image"][3] == str(len(info["shards"]))
 
+    glance = {row[0]: row[1] for row in page.table("at a glance")[1:]}
+    assert glance["kept by the CLIP filter"].startswith(f"{100 * len(kept) / len(judged):.1f}% of {len(judged):,} judged")
+
     # Every drop reason of extract is listed with its count; download's failures are named.
     drops = dict(page.table_under("extract:"))
     for reason, n in extract.items():
