@@ -201,9 +201,11 @@ def test_report_on_a_running_run(run_copy):
     shutil.rmtree(run_copy / "index")
     # clip's last shard has its table but no marker yet: it is not counted, not read.
     (run_copy / marker_path("clip", 3)).unlink()
+    store.write_deadletter("embed", 2, {"error": "ModelNotAvailable: no weights for ViT-L-14"})
     page = Parsed(build_report(store))
     stages = {row[0]: row for row in page.table("stage")[1:]}
     assert stages["clip"][1] == "3" and stages["tag"][1] == "0"
+    assert stages["embed"][2] == "1" and "dead embed shard 2: ModelNotAvailable: no weights" in "".join(page.text)
     assert "running or stopped early" in "".join(page.text)
     judged = clip_rows(store, [0, 1, 2])
     assert number(stages["clip"][3]) == len(judged)
