@@ -3,6 +3,7 @@ shard runs: `plan_run` is called by `clipfleet run` before run.json is written, 
 the stage in each worker (the same answer, since it depends on the config alone)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from clipfleet.shared.models.heads import Head, HeadError, embedding_dim, load_head, shipped_head_spec
@@ -69,7 +70,20 @@ def plan_run(cfg, device: str | None = None) -> Plan:
 def prepare(cfg) -> None:
     """Before run.json is written: fix every column's head and say why each null one is null,
     and fail now, naming the head, when one cannot be used."""
+    for column, (flag, _) in COLUMNS.items():
+        setattr(cfg.tag, flag, _absolute(getattr(cfg.tag, flag)))
+    cfg.tag.tag_heads = tuple(_absolute(spec) for spec in cfg.tag.tag_heads)
     plan = plan_run(cfg, device="cpu")
     for column, (flag, _) in COLUMNS.items():
         setattr(cfg.tag, flag, plan.specs[column] or "none")
     cfg.tag.null_columns = dict(plan.null_columns)
+
+
+def _absolute(spec: str) -> str:
+    """A head file named relative to here, made absolute: workers may run in another directory."""
+    if spec in ("auto", "none", "") or spec.startswith("shapes:"):
+        return spec
+    arch, sep, path = spec.partition(":")
+    if not sep or "/" in arch:
+        return os.path.abspath(spec)
+    return f"{arch}:{os.path.abspath(path)}"

@@ -137,3 +137,84 @@ def test_a_rerun_does_nothing_and_the_stage_is_registered(store):
     again = execute(TagStage(run_config(store.uri)), store, SHARD)
     assert again["skipped"] and again["stats"] == first["stats"]
     assert TASK_MODULES["tag"] == "clipfleet.workers.tag.task"
+
+
+def test_head_files_named_relative_to_here_are_recorded_absolute(tmp_path, monkeypatch):
+    import torch
+
+    from clipfleet.shared.models.heads import build_architecture
+    torch.save(build_architecture("nsfw-b32").state_dict(), tmp_path / "b32.pth")
+    monkeypatch.chdir(tmp_path)
+    cfg = run_config(str(tmp_path / "s"), embed_model="ViT-B-32/openai", punsafe_head="nsfw-b32:b32.pth")
+    prepare(cfg)
+    assert cfg.tag.punsafe_head == f"nsfw-b32:{tmp_path / 'b32.pth'}"
+
+
+def test_img2dataset_downloads_the_published_parquet_as_it_is(store, world, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from clipfleet.sandbox.server import SandboxServer
+    tag(store)
+    data = read_parquet(store, layout.dataset_shard(SHARD, "parquet")).to_pylist()
+    img2dataset = Path(sys.executable).parent / "img2dataset"
+    with SandboxServer(world):
+        ran = subprocess.run([str(img2dataset), "--url_list", store.path(layout.dataset_shard(SHARD, "parquet")),
+                              "--input_format", "parquet", "--url_col", "URL", "--caption_col", "TEXT",
+                              "--output_folder", str(tmp_path / "again"), "--output_format", "files",
+                              "--processes_count", "1", "--thread_count", "8", "--image_size", "64",
+                              "--save_additional_columns", '["punsafe","pwatermark","aesthetic","hash"]',
+                              "--enable_wandb", "False"], capture_output=True, text=True, timeout=300,
+                             env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": str(img2dataset.parent)})
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    stats = [json.loads(p.read_text()) for p in (tmp_path / "again").glob("*_stats.json")]
+    assert sum(s["successes"] for s in stats) == len(data)
+    by_url = {r["URL"]: r for r in data}
+    for path in (tmp_path / "again").rglob("*.json"):
+        if path.name.endswith("_stats.json"):
+            continue
+        sample = json.loads(path.read_text())
+        assert sample["hash"] == by_url[sample["url"]]["hash"]
+        assert sample["punsafe"] == pytest.approx(by_url[sample["url"]]["punsafe"])
+
+
+def test_an_image_watermark_model_scores_the_shards_images(store, tmp_path):
+    """LAION's efficientnet watermark architecture through the stage. Its weights here are a
+    seeded initialisation (LAION's file is not on this machine): the test checks that each row
+    gets the model's own score of that row's image, and a null where the image is missing."""
+    import tarfile
+
+    import torch
+    from PIL import Image
+
+    from clipfleet.shared.models.heads import build_architecture, load_head
+    torch.manual_seed(0)
+    torch.save(build_architecture("watermark-effnet").state_dict(), tmp_path / "wm.pth")
+    # 24 samples: efficientnet_b3 costs about half a second an image on this CPU.
+    meta = read_parquet(store, layout.embedding_metadata(SHARD)).slice(0, 24)
+    pq.write_table(meta, store.path(layout.embedding_metadata(SHARD)))
+    np.save(store.path(layout.image_embeddings(SHARD)), np.load(store.path(layout.image_embeddings(SHARD)))[:24])
+    keys = meta.column("key").to_pylist()
+    images = {}
+    with tarfile.open(store.path(layout.image_shard(SHARD))) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            if ext == "jpg" and key in keys:
+                images[key] = tar.extractfile(member).read()
+    missing = keys[3]
+    with tarfile.open(store.path(layout.image_shard(SHARD)), "w") as tar:  # one image gone
+        for key, data in images.items():
+            if key != missing:
+                info = tarfile.TarInfo(f"{key}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    marker = tag(store, pwatermark_head=f"watermark-effnet:{tmp_path / 'wm.pth'}", watermark_batch_size=16)
+    scores = read_parquet(store, layout.tag_shard(SHARD)).column("pwatermark").to_pylist()
+    head = load_head(f"watermark-effnet:{tmp_path / 'wm.pth'}", device="cpu")
+    for row in (0, 1, 5, len(keys) - 1):
+        expected = head.score_images([Image.open(io.BytesIO(images[keys[row]]))])[0]
+        assert scores[row] == pytest.approx(expected, abs=1e-4)
+    assert scores[3] is None
+    assert marker["stats"]["pwatermark_null"] == {"no image": 1}
+    assert marker["stats"]["published"] == len(keys) and marker["stats"]["published_with_image"] == len(keys) - 1
