@@ -152,9 +152,11 @@ def build_app(engine: Engine, index_name: str) -> FastAPI:
         return Response(data, media_type=kind)
 
     @app.post("/knn-service", summary="nearest neighbours of a text, image, image URL or embedding",
-              responses={200: {"description": "results, best first: the first num_images with metadata"},
-                         400: {"description": "a request the service cannot answer, with a message"}})
-    def knn_service(query: KnnQuery, response: Response) -> list[dict]:
+              response_model=None, responses={
+                  200: {"description": "results, best first: the first num_images with metadata",
+                        "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}},
+                  400: {"description": "a request the service cannot answer, with a message"}})
+    def knn_service(query: KnnQuery):
         check_index(query.indice_name)
         deadline = time.monotonic() + settings.query_timeout
         notes: dict = {}
@@ -195,19 +197,23 @@ def build_app(engine: Engine, index_name: str) -> FastAPI:
         metrics.DEPTH_RATIO.observe(outcome.depth / max(num_ids, 1))
         if len(results) < num_ids:
             metrics.SHORT.labels("index exhausted" if outcome.complete else "depth or deadline").inc()
-        response.headers[DEPTH] = str(outcome.depth)
+        headers = {DEPTH: str(outcome.depth)}
         if notes:
-            response.headers[NOT_HONOURED] = "; ".join(f"{k}: {v}" for k, v in notes.items()).encode(
+            headers[NOT_HONOURED] = "; ".join(f"{k}: {v}" for k, v in notes.items()).encode(
                 "ascii", "replace").decode()
-        return results
+        # Returned as it is: FastAPI would otherwise validate and re-encode every result.
+        return JSONResponse(results, headers=headers)
 
-    @app.post("/metadata", summary="metadata of result ids (clip front pages through results with it)")
-    def metadata(query: MetadataQuery) -> list[dict]:
+    @app.post("/metadata", summary="metadata of result ids (clip front pages through results with it)",
+              response_model=None, responses={200: {"description": "[{id, metadata}], metadata null for an "
+                                                                   "unknown id", "content": {"application/json": {
+                                                    "schema": {"type": "array", "items": {"type": "object"}}}}}})
+    def metadata(query: MetadataQuery):
         check_index(query.indice_name)
         if len(query.ids) > settings.max_num_result_ids:
             raise QueryError(f"ids: at most {settings.max_num_result_ids} per request")
         metas = engine.metadata(np.asarray(query.ids, np.int64)) if query.ids else []
-        return [{"id": gid, "metadata": meta} for gid, meta in zip(query.ids, metas)]
+        return JSONResponse([{"id": gid, "metadata": meta} for gid, meta in zip(query.ids, metas)])
 
     @app.post("/export", summary="the given results as a parquet file img2dataset downloads as it is",
               response_class=Response,
@@ -232,8 +238,13 @@ def app_from_env():
     from clipfleet.search.settings import ServeSettings
     from clipfleet.shared.options import build
     from clipfleet.shared.storage import Store
+    from clipfleet.search.server import worker_failed
     config = json.loads(os.environ[ENV_CONFIG])
     settings = build(ServeSettings, config["settings"])
-    engine = Engine(Store(config["store"]), settings, threads=config["threads"], cache=Path(config["cache"]))
+    try:
+        engine = Engine(Store(config["store"]), settings, threads=config["threads"], cache=Path(config["cache"]))
+    except Exception as exc:  # whatever it is, restarting this worker would only fail again
+        worker_failed(f"{exc.__class__.__name__}: {exc}")
+        raise
     guarded, _ = build_app(engine, config["index_name"])
     return guarded

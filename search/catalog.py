@@ -239,6 +239,22 @@ class Catalog:
         inverse[np.concatenate(order)] = np.arange(len(batch))
         return table.take(pa.array(inverse))
 
+    def rows(self, ids) -> list[dict | None]:
+        """Each id's row as a dict (NaN as None), None for an id the catalog lacks. Column by
+        column per shard: a result page is a few dozen rows, and this is most of its cost."""
+        batch, row = self._locate(ids)
+        out: list[dict | None] = [None] * len(batch)
+        names = self.schema.names
+        for b in np.unique(batch):
+            if b < 0:
+                continue
+            where = np.nonzero(batch == b)[0]
+            part = self._batches[b].take(pa.array(row[where]))
+            columns = [_python_values(col) for col in part.columns]
+            for pos, values in zip(where.tolist(), zip(*columns)):
+                out[pos] = dict(zip(names, values))
+        return out
+
     def column(self, ids, name: str) -> np.ndarray:
         """One numeric column for `ids` as float64 (NaN where null)."""
         values = self.take(ids, [name]).column(0)
@@ -267,3 +283,12 @@ class Catalog:
             self._embeddings[shard] = np.load(path, mmap_mode="r") if os.path.isfile(path) else None
         return self._embeddings[shard]
 
+
+def _python_values(col: pa.Array) -> list:
+    """A column as Python values, nulls and NaN as None; through numpy, since pyarrow's
+    to_pylist builds a scalar object per value (several times slower at this size)."""
+    if pa.types.is_floating(col.type):
+        return [None if v != v else v for v in col.to_numpy(zero_copy_only=False).tolist()]
+    if pa.types.is_integer(col.type) and col.null_count:
+        return col.to_pylist()
+    return col.to_numpy(zero_copy_only=False).tolist()

@@ -9,6 +9,7 @@ depth cap and the deadline allow. Outcome.notes say what could not be honoured a
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -18,16 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from clipfleet.search.catalog import RATINGS, Catalog, cache_dir_for, ensure_catalog
+from clipfleet.search.catalog import Catalog, cache_dir_for, ensure_catalog
 from clipfleet.search.encoder import Encoder, QueryError, normalized
 from clipfleet.search.index import IndexMissing, infos_model, open_index
 from clipfleet.search.settings import ServeSettings
+from clipfleet.shared import layout
 from clipfleet.shared.storage import Store
 
 log = logging.getLogger("clipfleet.search")
 
 DEDUP_THRESHOLD = 0.94  # clip back's
 SAFETY_THRESHOLD = 0.5  # clip back's punsafe cut for use_safety_model
+TAKEDOWN_REFRESH_S = 2.0  # as the serving index follows the list
 
 
 @dataclass
@@ -55,10 +58,9 @@ class Outcome:
 
 
 def keep_first_of_components(embeddings: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> np.ndarray:
-    """Indices (ascending) of the first member of each near-duplicate component."""
+    """Indices (ascending) of the first member of each near-duplicate component: clip back's
+    rule (cosine >= threshold links two results; a component keeps its best-ranked one)."""
     import faiss
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components
 
     n = len(embeddings)
     if n < 2:
@@ -68,10 +70,21 @@ def keep_first_of_components(embeddings: np.ndarray, threshold: float = DEDUP_TH
     flat.add(vectors)
     lims, _, neighbours = flat.range_search(vectors, threshold)
     rows = np.repeat(np.arange(n), np.diff(lims.astype(np.int64)))
-    graph = csr_matrix((np.ones(len(rows), np.int8), (rows, neighbours)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    _, first = np.unique(labels, return_index=True)
-    return np.sort(first)
+    linked = neighbours > rows  # each pair once; most results link only to themselves
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    # Union by the smaller root, so a component's root is its first (best-ranked) member.
+    for a, b in zip(rows[linked].tolist(), neighbours[linked].tolist()):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.asarray([i for i in range(n) if root(i) == i], np.int64)
 
 
 class Engine:
@@ -82,18 +95,18 @@ class Engine:
         self.store, self.settings = store, settings
         self.cache = cache or ensure_catalog(store, cache_dir_for(store, settings.cache_dir))
         self.catalog = Catalog(store, self.cache)
-        self.indices = {"image": open_index(store, "image", self.cache)}
+        self.indices = {"image": open_index(store, "image")}
         try:
-            self.indices["text"] = open_index(store, "text", self.cache)
+            self.indices["text"] = open_index(store, "text")
         except IndexMissing as exc:
             self.text_missing = str(exc)
         self.dim = self.indices["image"].dim
+        self._hidden, self._hidden_checked = (None, np.zeros(0, np.int64)), 0.0
         threads = threads or max(1, (os.cpu_count() or 1))
-        try:
-            import faiss
-            faiss.omp_set_num_threads(threads)
-        except ImportError:
-            pass
+        import faiss
+        # One query per search call: OpenMP threads would spin on each other (and on the other
+        # workers) for no gain; concurrency comes from requests and worker processes.
+        faiss.omp_set_num_threads(1)
         self.model_name = infos_model(self.indices["image"]) or self._run_model()
         self.encoder = Encoder(self.model_name, settings, threads) if load_model else None
 
@@ -222,15 +235,30 @@ class Engine:
 
     # -- metadata ---------------------------------------------------------------------------------
     def metadata(self, ids) -> list[dict | None]:
-        """Each id's metadata as JSON-ready dicts (None for an id the run does not have)."""
-        table = self.catalog.take(np.asarray(ids, np.int64))
-        rows = table.to_pylist()
-        return [None if row["key"] is None and row["url"] is None else _clean(row) for row in rows]
+        """Each id's metadata as JSON-ready dicts (None for an id the run does not have, or has
+        taken down: search never returns those, and asking by id shows nothing either)."""
+        ids = np.asarray(ids, np.int64)
+        rows = self.catalog.rows(ids)
+        hidden = self.taken_down()
+        if len(hidden):
+            for pos in np.nonzero(np.isin(ids, hidden))[0].tolist():
+                rows[pos] = None
+        return rows
 
+    def taken_down(self) -> np.ndarray:
+        """The run's takedown list (sorted global ids), looked at again every few seconds."""
+        now = time.monotonic()
+        if now - self._hidden_checked >= TAKEDOWN_REFRESH_S:
+            self._hidden_checked = now
+            try:
+                info = self.store.fs.info(self.store.path(layout.TAKEDOWN_IDS))
+                stamp = (info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag"))
+                if stamp != self._hidden[0]:
+                    ids = np.load(io.BytesIO(self.store.read_bytes(layout.TAKEDOWN_IDS)))
+                    self._hidden = (stamp, np.unique(ids.astype(np.int64)))
+            except FileNotFoundError:
+                self._hidden = (None, np.zeros(0, np.int64))
+            except OSError as exc:  # the store is away for a moment: keep the list we have
+                log.warning("takedown list unreadable: %s", exc)
+        return self._hidden[1]
 
-def _clean(row: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-
-
-def within_rating(score) -> bool:
-    return 0 <= int(score) < RATINGS

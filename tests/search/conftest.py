@@ -83,7 +83,6 @@ def _embed(world: Path, truth: pa.Table):
 def build_store(store_uri: str, world: Path, truth: pa.Table, with_text_index: bool = True) -> dict:
     """Write a run store with embeddings, metadata, tags and a serving index; returns ground truth
     per global id: {gid: row of images.parquet (+ "duplicate_of")}."""
-    import faiss
     from clipfleet.shared.models import load_tag_heads, score_tags
     store = Store(store_uri)
     RunConfig.make(store=store.uri, embed_model="shapes").save(store)
@@ -125,13 +124,24 @@ def build_store(store_uri: str, world: Path, truth: pa.Table, with_text_index: b
         all_img.append(img)
         all_txt.append(txt)
     ids = np.asarray(all_ids, np.int64)
-    for rel, vectors in (("index/serving.index", np.concatenate(all_img)),
-                         ("index/serving_text.index", np.concatenate(all_txt)))[:2 if with_text_index else 1]:
-        flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-        flat.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
-        _write(store, rel, lambda p, i=flat: faiss.write_index(i, p))
-    store.write_json("index/infos.json", {"model": "shapes", "ntotal": len(ids), "index_key": "Flat"})
+    modalities = (("image", np.concatenate(all_img)), ("text", np.concatenate(all_txt)))
+    for modality, vectors in modalities[:2 if with_text_index else 1]:
+        write_serving_index(store, modality, vectors, ids, list(parts))
     return known
+
+
+def write_serving_index(store: Store, modality: str, vectors: np.ndarray, ids: np.ndarray, shards: list) -> None:
+    """A flat serving index where the index stage puts one (generation 1) and the infos.json
+    that makes ServingIndex open it."""
+    import faiss
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    flat.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
+    rel = f"{layout.serving_dir(1, modality)}/merged.index"
+    _write(store, rel, lambda p: faiss.write_index(flat, p))
+    store.write_json(layout.index_infos(modality), {
+        "modality": modality, "generation": 1, "index_key": "Flat", "dim": int(vectors.shape[1]),
+        "metric": "inner_product", "shards": sorted(shards), "index_file": rel, "ivfdata_file": None,
+        "vectors": len(ids), "search_params": ""})
 
 
 def _write(store: Store, rel: str, writer) -> None:

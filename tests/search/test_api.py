@@ -167,3 +167,62 @@ def test_binds_loopback_by_default(live):
     assert ServeSettings().host == "127.0.0.1"
     listening = [c.laddr for c in psutil.Process(live.proc.pid).net_connections("tcp") if c.status == "LISTEN"]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+
+
+def test_takedown_hides_a_sample_from_search_and_metadata(search_store, sandbox, tmp_path):
+    """A sample taken down while the server runs is neither found nor shown by id."""
+    import shutil
+    import time
+    import numpy as np
+    from clipfleet.shared import layout
+    from clipfleet.shared.storage import Store
+    from tests.search.conftest import start_server, stop_server
+    store_dir = tmp_path / "run"
+    shutil.copytree(search_store[0], store_dir)
+    known = search_store[1]
+    proc, url = start_server(str(store_dir), tmp_path / "cache", "--index-name", "sandbox")
+    try:
+        import requests
+        copied = {t["duplicate_of"] for t in known.values()}
+        victim = next(g for g, t in known.items() if t["duplicate_of"] is None and g not in copied)
+        vector = Store(str(store_dir)).read_bytes(layout.image_embeddings(victim >> layout.ROW_BITS))
+        emb = np.load(__import__("io").BytesIO(vector))[victim & ((1 << layout.ROW_BITS) - 1)].astype(float)
+        body = {"embedding_input": emb.tolist(), "num_images": 3, "modality": "image"}
+        assert requests.post(url + "/knn-service", json=body, timeout=30).json()[0]["id"] == victim
+        Store(str(store_dir)).write_bytes(layout.TAKEDOWN_IDS, _npy(np.array([victim], np.int64)))
+        time.sleep(2.5)  # the service looks at the list every 2 s
+        results = requests.post(url + "/knn-service", json=body, timeout=30).json()
+        assert victim not in [r["id"] for r in results] and len(results) == 3
+        metas = requests.post(url + "/metadata", json={"ids": [victim]}, timeout=30).json()
+        assert metas == [{"id": victim, "metadata": None}]
+    finally:
+        stop_server(proc)
+
+
+def _npy(array) -> bytes:
+    import io
+    import numpy as np
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_serve_stops_with_a_message_when_it_cannot_serve(search_store, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from clipfleet.producer.fleet import free_port
+    from clipfleet.shared.runconfig import RunConfig
+    from clipfleet.shared.storage import Store
+    empty = subprocess.run([sys.executable, "-m", "clipfleet.producer.cli", "serve", "--store", str(tmp_path / "none"),
+                            "--cache-dir", str(tmp_path / "c0")], capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "no embeddings/metadata" in empty.stderr
+    store_dir = tmp_path / "run"
+    shutil.copytree(search_store[0], store_dir)
+    store = Store(str(store_dir))
+    RunConfig.make(store=store.uri, embed_model="ViT-B-32/no-such-tag").save(store)
+    done = subprocess.run([sys.executable, "-m", "clipfleet.producer.cli", "serve", "--store", str(store_dir),
+                           "--workers", "2", "--port", str(free_port()), "--cache-dir", str(tmp_path / "c1")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "a search worker could not start" in done.stderr and "no-such-tag" in done.stderr
