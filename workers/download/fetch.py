@@ -74,6 +74,7 @@ class FetchFailed(Exception):
         super().__init__(message)
         self.refused = refused
         self.host_trouble = host_trouble
+        self.latency: float | None = None  # set when the host did answer, in this many seconds
 
 
 class _StaleConnection(Exception):
@@ -305,6 +306,8 @@ class Fetcher:
         except FetchFailed as exc:
             if exc.host_trouble:
                 outcome = ERROR
+            elif exc.latency is not None:
+                outcome, latency = OK, exc.latency  # it answered (404, redirect without Location)
             elif exc.refused == "x-robots-tag":
                 outcome = OK  # the host answered well; we chose not to read on
             raise
@@ -419,7 +422,11 @@ class Fetcher:
                 raise _Transient(f"connection error: {exc.__class__.__name__}: {exc}") from None
             keep = response.keep_alive
             latency = (response.headers_at or time.monotonic()) - sent
-            return self._outcome(response, robots_txt), latency
+            try:
+                return self._outcome(response, robots_txt), latency
+            except FetchFailed as exc:  # a 404 and the like: the host answered, and how fast counts
+                exc.latency = latency
+                raise
         finally:
             if keep:
                 self._keep_idle(key, addr, sock)
