@@ -259,3 +259,17 @@ def test_a_silent_tls_peer_fails_at_the_deadline(serve):
         assert not hung_up.is_set()  # the fetcher gave up on its own deadline, not when the peer left
     finally:
         release.set()
+
+
+def test_an_operator_hold_in_redis_stops_every_request_to_the_host(recording_server, redis_url):
+    # What ops/politeness.md tells an operator to run when a site asks the fleet to stop now.
+    client = redis.Redis.from_url(redis_url)
+    client.eval("local t = redis.call('TIME'); local u = t[1] + ARGV[1]; "
+                "redis.call('HSET', KEYS[1], 'hold', u); redis.call('EXPIRE', KEYS[1], ARGV[1] + 60)",
+                1, "clipfleet:polite:host:127.0.0.1", 2592000)
+    fetcher = Fetcher(DownloadOptions(allow_private_addresses=True, ignore_robots_txt=True),
+                      DomainLimiter(client, DomainLimits()))
+    with pytest.raises(FetchFailed, match="asked to wait .* over 120s"):
+        fetcher.fetch(recording_server.url + "/a.jpg")
+    assert recording_server.requests == []
+    assert client.ttl("clipfleet:polite:host:127.0.0.1") > 2592000 - 10
