@@ -42,7 +42,12 @@ TASK_MODULES = {
     "clip": "clipfleet.workers.clip.task",
     "embed": "clipfleet.workers.embed.task",
     "tag": "clipfleet.workers.tag.task",
+    "index": "clipfleet.workers.index.task",
 }
+
+# Stages whose work ends in run-once tasks (below), and the store-only check that says those are
+# done: a run is finished when every shard is done *and* this holds (the index's merge is no shard).
+RUN_ONCE_SETTLED = {"index": "clipfleet.workers.index.plan:settled"}
 
 
 def built_stages() -> list[str]:
@@ -324,6 +329,17 @@ def trigger_due(store_uri: str, once_classes) -> list[tuple[str, str]]:
             log.info("%s %s: due, sent", cls.name, key)
             sent.append((cls.name, key))
     return sent
+
+
+def run_once_settled(store: Store, stage: str, cfg: RunConfig | None = None) -> bool:
+    """Whether the run-once tasks of `stage` have nothing left to do (True for other stages).
+    The check reads the store only, so the producer can call it without loading the stage."""
+    import importlib
+    target = RUN_ONCE_SETTLED.get(stage)
+    if target is None:
+        return True
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)(store, cfg)
 
 
 def run_once(once_cls: type[RunOnce], store_uri: str, key: str) -> dict:

@@ -28,8 +28,11 @@ INDEX_FILE = "merged.index"
 
 
 def threads(n: int | None = None) -> None:
-    """faiss's OpenMP threads: the cores this worker has (the index queue runs one process)."""
-    faiss.omp_set_num_threads(n or len(os.sched_getaffinity(0)))
+    """faiss's OpenMP threads: the cores this worker has (the index queue runs one process), or
+    CLIPFLEET_INDEX_THREADS (on a machine shared with other work, OpenMP's spinning thread team
+    can cost more than a single thread)."""
+    n = n or int(os.environ.get("CLIPFLEET_INDEX_THREADS") or 0) or len(os.sched_getaffinity(0))
+    faiss.omp_set_num_threads(n)
 
 
 def choose_key(nb_vectors: int, dim: int, memory: str, override: str = "") -> str:
@@ -62,8 +65,14 @@ def empty_index(dim: int, key: str) -> faiss.Index:
         index = index_factory(dim, key, METRIC)
     except ValueError:  # a key autofaiss has no inner-product recipe for (from --index-key)
         index = faiss.index_factory(dim, key, METRIC)
-    if faiss.try_extract_index_ivf(index) is None:
-        index = faiss.IndexIDMap2(index)  # HNSW and Flat keep ids beside; IVF stores them in its lists
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return faiss.IndexIDMap2(index)  # HNSW and Flat keep ids beside; IVF stores them in its lists
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        # faiss's factory turns on polysemous training for "IVFn,PQm"; search never uses it (no
+        # Hamming threshold is set) and it costs more than the rest of training together
+        ivf.do_polysemous_training = False
     return index
 
 

@@ -35,38 +35,15 @@ from clipfleet.shared import layout
 from clipfleet.shared.pipeline import RunOnce, Stage, StageOutput, Stats, shard_state
 from clipfleet.shared.storage import Store, shard_name
 from clipfleet.workers.index import build, tuning, vectors
+from clipfleet.workers.index.plan import (PART_MARKERS, TRAIN, TRAIN_KEY, embedded_counts, indexed_shards,
+                                         read_infos, trained, waiting)
 
 log = logging.getLogger("clipfleet.index")
 
-TRAIN_KEY = "train"
-PART_MARKERS = "index-part"   # partials the train task built for shards that waited for it
 
 
 def modalities(options) -> list[str]:
     return ["image", "text"] if options.index_text else ["image"]
-
-
-class _Markers:
-    """Markers never change once written: read each one once per process."""
-
-    def __init__(self):
-        self._cache: dict = {}
-
-    def get(self, store: Store, stage: str, name: str) -> dict | None:
-        key = (store.uri, stage, name)
-        if key not in self._cache:
-            marker = store.marker(stage, name)
-            if marker is None:
-                return None
-            self._cache[key] = marker
-        return self._cache[key]
-
-
-_markers = _Markers()
-
-
-def trained(store: Store) -> dict | None:
-    return _markers.get(store, TrainIndex.name, TRAIN_KEY)
 
 
 def _local(store: Store, rel: str, scratch: Path) -> Path:
@@ -135,20 +112,8 @@ class IndexStage(Stage):
         return StageOutput(files)
 
 
-def embedded_counts(store: Store) -> dict[int, int]:
-    """Shard -> vectors, from the embed stage's markers (its "vectors" count)."""
-    out = {}
-    for name in sorted(store.done("embed")):
-        marker = _markers.get(store, "embed", name) or {}
-        n = (marker.get("stats") or {}).get("vectors")
-        if n is None:  # an embed marker without the count: the array's header says it
-            n = len(vectors.load(store, int(name)))
-        out[int(name)] = int(n)
-    return out
-
-
 class TrainIndex(RunOnce):
-    name = "index-train"
+    name = TRAIN
     stage = "index"
 
     def due(self, store: Store) -> str | None:
@@ -217,35 +182,6 @@ class TrainIndex(RunOnce):
                     if path is not None:
                         files[layout.index_part(int(name), modality)] = path
                 store.commit(PART_MARKERS, name, files, {"stats": {"vectors": n}})
-
-
-def waiting(store: Store, name: str) -> bool:
-    marker = _markers.get(store, IndexStage.name, name) or {}
-    return bool((marker.get("stats") or {}).get("waiting_for_training"))
-
-
-def indexed_shards(store: Store, done: set[str]) -> tuple[list[int], bool]:
-    """(shards with vectors ready to merge, whether every done shard is ready)."""
-    ready, all_ready = [], True
-    for name in sorted(done):
-        if waiting(store, name):
-            part = _markers.get(store, PART_MARKERS, name)
-            if part is None:
-                all_ready = False
-                continue
-            n = part["stats"].get("vectors", 0)
-        else:
-            n = ((_markers.get(store, IndexStage.name, name) or {}).get("stats") or {}).get("vectors", 0)
-        if n:
-            ready.append(int(name))
-    return ready, all_ready
-
-
-def read_infos(store: Store, modality: str = "image") -> dict | None:
-    try:
-        return store.read_json(layout.index_infos(modality))
-    except FileNotFoundError:
-        return None
 
 
 class MergeIndex(RunOnce):

@@ -119,3 +119,15 @@ def drive(store: Store, shards) -> list[str]:
 @pytest.fixture
 def world():
     return World()
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread(monkeypatch):
+    """The test machine's cores are shared with other work: one OpenMP thread, here and in the
+    workers the tests start, is faster than a thread team that spins waiting for a core."""
+    import faiss
+    monkeypatch.setenv("CLIPFLEET_INDEX_THREADS", "1")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
