@@ -144,12 +144,32 @@ def check_state_dict(arch: str, module, state: dict, source: str) -> None:
         raise HeadError(f"{source} is not a {arch} state dict ({'; '.join(parts)})")
 
 
-def _load_torch_file(path: str):
-    import torch
-    if not os.path.isfile(path):
-        raise HeadError(f"head file {path} does not exist")
+def _read_head_bytes(path: str) -> bytes:
+    """A head file's bytes, local or at a URI (s3://...: every worker of a fleet reads the same)."""
+    if "://" not in path:
+        if not os.path.isfile(path):
+            raise HeadError(f"head file {path} does not exist")
+        return Path(path).read_bytes()
+    from clipfleet.shared.storage import Store
+    parent, _, name = path.rstrip("/").rpartition("/")
+    store = Store(parent)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if not store.exists(name):
+            raise HeadError(f"head file {path} does not exist")
+        return store.read_bytes(name)
+    except HeadError:
+        raise
+    except Exception as exc:  # unreachable or refused: say which file
+        raise HeadError(f"head file {path} cannot be read: {exc}") from exc
+
+
+def _load_torch_file(path: str):
+    import io
+
+    import torch
+    data = _read_head_bytes(path)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors alike: say which file and why
         raise HeadError(f"head file {path} is not a PyTorch state dict: {exc}") from exc
 

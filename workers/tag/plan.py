@@ -86,4 +86,4 @@ def _absolute(spec: str) -> str:
     arch, sep, path = spec.partition(":")
     if not sep or "/" in arch:
         return os.path.abspath(spec)
-    return f"{arch}:{os.path.abspath(path)}"
+    return spec if "://" in path else f"{arch}:{os.path.abspath(path)}"

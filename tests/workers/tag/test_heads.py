@@ -102,3 +102,17 @@ def test_the_watermark_model_is_laions_efficientnet_and_scores_images(tmp_path):
     _, b32 = saved(tmp_path, "nsfw-b32")
     with pytest.raises(HeadError, match="not a watermark-effnet state dict"):
         load_head(f"watermark-effnet:{b32}")
+
+
+def test_a_head_file_on_s3_loads_for_every_worker_alike(tmp_path, s3_server):
+    from clipfleet.shared.storage import Store
+    from tests.conftest import make_bucket
+    module, path = saved(tmp_path, "nsfw-b32")
+    uri = f"s3://{make_bucket(s3_server)}/heads"
+    Store(uri).write_bytes("b32.pth", path.read_bytes())
+    head = load_head(f"nsfw-b32:{uri}/b32.pth")
+    x = unit_rows(4, 512)
+    with torch.no_grad():
+        assert np.allclose(head.score_embeddings(x), module(torch.from_numpy(x)).numpy(), atol=1e-6)
+    with pytest.raises(HeadError, match="does not exist"):
+        load_head(f"nsfw-b32:{uri}/missing.pth")
