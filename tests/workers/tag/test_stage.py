@@ -218,3 +218,16 @@ def test_an_image_watermark_model_scores_the_shards_images(store, tmp_path):
     assert scores[3] is None
     assert marker["stats"]["pwatermark_null"] == {"no image": 1}
     assert marker["stats"]["published"] == len(keys) and marker["stats"]["published_with_image"] == len(keys) - 1
+
+
+def test_a_shard_the_filter_emptied_publishes_empty_files(store):
+    import webdataset as wds
+    meta = read_parquet(store, layout.embedding_metadata(SHARD)).slice(0, 0)
+    pq.write_table(meta, store.path(layout.embedding_metadata(SHARD)))
+    np.save(store.path(layout.image_embeddings(SHARD)), np.zeros((0, 128), np.float16))
+    marker = tag(store)
+    assert read_parquet(store, layout.tag_shard(SHARD)).num_rows == 0
+    data = read_parquet(store, layout.dataset_shard(SHARD, "parquet"))
+    assert data.num_rows == 0 and tuple(data.column_names) == layout.DATASET_COLUMNS
+    assert list(wds.WebDataset(store.path(layout.dataset_shard(SHARD, "tar")), shardshuffle=False)) == []
+    assert marker["stats"]["tagged"] == 0
