@@ -8,7 +8,8 @@ run took 35 minutes on a busy shared machine). It writes into --out:
                          a 3-layer text transformer, 128-d embeddings) and preprocessing
   weights.npz            the state dict in fp16, compressed; token rows no sandbox caption
                          uses are zero, which is what keeps the file small
-  heads.npz              watermark and unsafe MLP heads on L2-normalised image embeddings
+  heads.npz              watermark, unsafe and aesthetic MLP heads on L2-normalised image
+                         embeddings (retrain them alone with python -m clipfleet.sandbox.train_heads)
   metrics.json           training settings and the evaluation on a fresh sample
   README.md              what the model is and how it was made
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipfleet.sandbox import images
-from clipfleet.sandbox.evaluate import Drawn, draw_sample, embed_images, evaluate_loaded, roc_auc
+from clipfleet.sandbox.evaluate import Drawn, evaluate_loaded
 
 MODEL_CFG = {
     "embed_dim": 128,
@@ -175,39 +176,10 @@ def train_clip(model, tokenizer, pixels, drawn, steps: int, batch_size: int, lr:
 
 
 def train_tag_heads(model, preprocess, count: int, seed: int, log=print) -> tuple[dict, dict]:
-    """Two small MLPs on image embeddings; returns their weights and held-out scores."""
-    pictures, drawn = draw_sample(max(1, count // 48), seed, watermark_share=0.5, unsafe_share=0.5)
-    embeddings = torch.from_numpy(embed_images(model, preprocess, pictures))
-    order = torch.randperm(len(drawn), generator=torch.Generator().manual_seed(seed))
-    cut = int(len(order) * 0.75)
-    train_index, held_index = order[:cut], order[cut:]
-    weights, metrics = {}, {}
-    for tag in ("watermark", "unsafe"):
-        labels = torch.tensor([float(getattr(d, tag)) for d in drawn])
-        torch.manual_seed(seed)
-        head = torch.nn.Sequential(torch.nn.Linear(embeddings.shape[1], 64), torch.nn.ReLU(),
-                                   torch.nn.Linear(64, 1))
-        optimizer = torch.optim.Adam(head.parameters(), lr=3e-3, weight_decay=1e-4)
-        for _ in range(400):
-            loss = F.binary_cross_entropy_with_logits(head(embeddings[train_index])[:, 0],
-                                                      labels[train_index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            held_probability = torch.sigmoid(head(embeddings[held_index])[:, 0]).numpy()
-        held_labels = labels[held_index].numpy().astype(bool)
-        metrics[tag] = {"accuracy": float(((held_probability >= 0.5) == held_labels).mean()),
-                        "roc_auc": roc_auc(held_labels, held_probability),
-                        "held_out": int(len(held_index)), "trained_on": int(len(train_index))}
-        log(f"tag head {tag}: held-out accuracy {metrics[tag]['accuracy']:.3f}, "
-            f"ROC AUC {metrics[tag]['roc_auc']:.3f}")
-        first, second = head[0], head[2]
-        weights.update({f"{tag}.w1": first.weight.detach().numpy().T.copy(),
-                        f"{tag}.b1": first.bias.detach().numpy().copy(),
-                        f"{tag}.w2": second.weight.detach().numpy().T.copy(),
-                        f"{tag}.b2": second.bias.detach().numpy().copy()})
-    return weights, metrics
+    """The watermark, unsafe and aesthetic heads, trained as sandbox/train_heads.py trains them
+    (that script retrains them alone, on the shipped CLIP)."""
+    from clipfleet.sandbox.train_heads import train_shipped_heads
+    return train_shipped_heads(model, preprocess, count, seed, log=log)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -239,8 +211,10 @@ Load it with `shared.models.load_clip("shapes")`; check it with
     python -m sandbox.train_shapes --out shared/models/shapes
 
 Files: open_clip_config.json (model and preprocessing config), weights.npz (fp16 state dict;
-token rows no sandbox caption uses are zero), heads.npz (watermark and unsafe MLP heads on
-L2-normalised image embeddings), metrics.json (training settings and evaluation).
+token rows no sandbox caption uses are zero), heads.npz (watermark, unsafe and aesthetic MLP
+heads on L2-normalised image embeddings; retrain them alone, CLIP untouched, with
+`python -m clipfleet.sandbox.train_heads --out shared/models/shapes`), metrics.json (training
+settings and evaluation).
 """
 
 
