@@ -111,7 +111,7 @@ def test_the_pace_grows_back_along_a_cubic_and_ends(redis_url):
 def test_an_explicit_cap_still_holds_over_an_unpaced_host(redis_url):
     lim = limiter(redis_url, max_rate=20)
     t = starts(lim, 6)
-    assert min(y - x for x, y in zip(t, t[1:])) > 0.04
+    assert (t[-1] - t[0]) / 5 > 0.045  # 0.05 s apart on average (a late wake-up may shorten one gap)
 
 
 def test_per_host_state_expires_and_costs_a_few_hundred_bytes(redis_url):
