@@ -48,9 +48,9 @@ def test_a_429_pauses_the_host_for_every_worker_and_cuts_its_pace_to_what_it_ser
     token = a.acquire(HOST)
     a.release(HOST, token, THROTTLED, 0.0, retry_after=0.5)  # told to the fleet at once
     granted, wait = b.try_acquire(HOST, "b1")
-    assert not granted and 0.3 < wait <= 0.5
+    assert not granted and 0 < wait <= 0.5
     state = b.state(HOST)
-    assert state["beta"] == 0.7 and 0.5 * served < state["rmax"] <= served
+    assert state["beta"] == 0.7 and 0.3 * served < state["rmax"] <= served
     time.sleep(0.55)
     t = starts(b, 7)
     expected = 1 / (0.7 * state["rmax"])  # the rate right after a cut
@@ -97,8 +97,8 @@ def test_the_pace_grows_back_along_a_cubic_and_ends(redis_url):
     def rate_after(seconds: float) -> float:
         now = redis_now()
         client.hset(key, mapping={"rmax": 10.0, "beta": 0.7, "cut": now - seconds, "next": 0})
-        t = starts(lim, 3)
-        return 1 / (t[2] - t[1]) if t[2] > t[1] else float("inf")
+        t = starts(lim, 5)
+        return 3 / (t[4] - t[1]) if t[4] > t[1] else float("inf")  # a mean: single gaps jitter
 
     assert 5 < rate_after(0.0) < 9          # 0.7 x 10/s right after the cut
     assert 8 < rate_after(2.0) < 12.5       # back at 10/s after K = 2 s, flat around it
