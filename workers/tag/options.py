@@ -42,5 +42,8 @@ class TagOptions:
                                         "each adding its NAME column", metavar="FILE,...", check=_check_specs)
     watermark_batch_size: int = option(32, "images per batch for an image-based watermark model",
                                        check=lambda n: None if n > 0 else "must be positive")
+    tag_threads: int = option(1, "torch threads per tagging process while it scores (the tagging queue runs "
+                              "a process per core; 0: torch's default)",
+                              check=lambda n: None if n >= 0 else "must be 0 or more")
     # Not a flag: filled when the run is planned, so run.json says why a column is null.
     null_columns: dict = field(default_factory=dict)

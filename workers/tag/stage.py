@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,19 @@ from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store, shard_name
 from clipfleet.workers.tag.plan import plan_run
 from clipfleet.workers.tag.publish import read_images, write_dataset
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch with `n` threads for a while (0: as it is), then as it was."""
+    import torch
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class TagStage(Stage):
@@ -48,16 +62,16 @@ class TagStage(Stage):
         started_cpu, started = time.process_time(), time.perf_counter()
         vectors = embeddings.astype(np.float32)
         columns = {}
-        for column, spec in self.plan.specs.items():
-            head = self.plan.heads.get(column)
-            if head is None:
-                columns[column] = pa.nulls(n, pa.float32())
-                continue
-            if head.input == "image_embedding":
-                self._check_width(head, column, vectors, shard)
-                columns[column] = pa.array(head.score_embeddings(vectors), pa.float32())
-            else:
-                columns[column] = self._score_images(head, column, keys, images, stats)
+        with torch_threads(self.options.tag_threads):
+            for column in self.plan.specs:
+                head = self.plan.heads.get(column)
+                if head is None:
+                    columns[column] = pa.nulls(n, pa.float32())
+                elif head.input == "image_embedding":
+                    self._check_width(head, column, vectors, shard)
+                    columns[column] = pa.array(head.score_embeddings(vectors), pa.float32())
+                else:
+                    columns[column] = self._score_images(head, column, keys, images, stats)
         cpu_s, wall_s = time.process_time() - started_cpu, time.perf_counter() - started
         stats.add("tagged", n)
         stats.put("tags_per_s_per_core", round(n / max(cpu_s, 1e-6), 1))
