@@ -17,7 +17,7 @@ from clipfleet.producer import counts
 from clipfleet.shared import layout, leases
 from clipfleet.shared.pipeline import QUEUES, STAGES, task_name
 from clipfleet.shared.runconfig import OPTION_SECTION, RUN_FILE, RunConfig
-from clipfleet.shared.storage import DEADLETTER, Store, StoreError, shard_name
+from clipfleet.shared.storage import DEADLETTER, Store, StoreError, shard_name, unreachable_errors
 
 log = logging.getLogger("clipfleet.run")
 
@@ -254,20 +254,30 @@ def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, 
     shown: dict[str, tuple[tuple, float]] = {}  # stage -> (counts drawn, when)
     cache = ProgressCache()
     holdings: dict = {}
-    next_sweep, broker_lost_since, first_sweep = 0.0, None, True
+    next_sweep, broker_lost_since, first_sweep, store_lost_since = 0.0, None, True, None
     try:
         while True:
-            state = progress(store, stages, first, cache)
+            try:
+                state = progress(store, stages, first, cache)
+                settled = all(p.finished for p in state) and _run_once_settled(store, stages)
+                store_lost_since = None
+            except unreachable_errors() as exc:  # the store away for a while: wait, as for the broker
+                store_lost_since = store_lost_since or time.monotonic()
+                log.warning("store unreachable, retrying: %s", exc)
+                if time.monotonic() - store_lost_since > broker_lost_s():
+                    raise RunError(f"store {store.uri} unreachable for {broker_lost_s():.0f}s: {exc}") from exc
+                time.sleep(poll_s)
+                continue
             if sweeper is not None and time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + sweep_s()
                 try:
                     holdings = sweeper.sweep(_pending(state, first, issued), _done(state), resume=first_sweep)
                     first_sweep, broker_lost_since = False, None
                 except Exception as exc:
-                    if not _is_broker_error(exc):
+                    if not _is_broker_error(exc) and not isinstance(exc, unreachable_errors()):
                         raise
                     broker_lost_since = broker_lost_since or time.monotonic()
-                    log.warning("sweep skipped, broker unreachable: %s", exc)
+                    log.warning("sweep skipped, broker or store unreachable: %s", exc)
                     if time.monotonic() - broker_lost_since > broker_lost_s():
                         left = {p.stage: sorted(p.expected - p.done - p.failed) for p in state}
                         raise RunError(f"broker unreachable for {broker_lost_s():.0f}s; unfinished shards: "
@@ -298,7 +308,7 @@ def follow(store: Store, stages: list[str], first: list[FirstTask], fleet=None, 
                     bar.set_postfix(postfix, refresh=False)
                     bar.refresh()
                     shown[p.stage] = (drawn_counts, time.monotonic())
-            if all(p.finished for p in state) and _run_once_settled(store, stages):
+            if settled:
                 return state
             if fleet is not None and fleet.dead():
                 raise RunError(f"fleet process exited: {', '.join(fleet.dead())}")

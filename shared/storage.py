@@ -28,6 +28,23 @@ class StoreError(RuntimeError):
     """The store cannot be used (unwritable, unreachable, malformed URI)."""
 
 
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What a store out of reach for a while raises (refused, reset, timed out), as opposed to a
+    bad request: a task retries it and `run` waits through it, as for the broker."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import botocore.exceptions as boto
+        errors += [boto.ConnectionError, boto.HTTPClientError]  # endpoint refused, reset, read timeout
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+        errors.append(aiohttp.ClientConnectionError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def s3_options_from_env() -> dict:
     """S3 endpoint and credentials come from the environment, never from code."""
     endpoint = os.environ.get("CLIPFLEET_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")

@@ -19,7 +19,7 @@ from kombu import Queue
 
 from clipfleet.shared import leases
 from clipfleet.shared.pipeline import QUEUES, TASK_MODULES, TransientError
-from clipfleet.shared.storage import Store
+from clipfleet.shared.storage import Store, unreachable_errors
 
 log = logging.getLogger("clipfleet.workers")
 
@@ -110,8 +110,10 @@ class ShardTask(Task):
 
     # A lost connection to Redis (the broker, politeness, dedup claims) is transient wherever
     # it is raised: a Redis restart must not dead-letter the shards in flight.
+    # So is a store out of reach (S3 refusing connections while it restarts or the network is
+    # partitioned): without it, a 30 s outage dead-letters every shard in flight.
     autoretry_for = (TransientError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                     kombu.exceptions.OperationalError)
+                     kombu.exceptions.OperationalError, *unreachable_errors())
     max_retries = int(os.environ.get("CLIPFLEET_MAX_RETRIES", 5))
     retry_backoff = int(os.environ.get("CLIPFLEET_RETRY_BACKOFF", 5))
     retry_backoff_max = 300
