@@ -11,9 +11,13 @@ from collections import Counter
 SAMPLE_KEYS = {
     "extract": ("img_links", "pairs"),     # <img> links seen in the WAT, pairs written to URL shards
     "download": ("count", "success"),      # URLs in the shard, images stored
+    "clip": ("samples", "kept"),           # images judged, pairs over the threshold
+    "embed": ("vectors", "vectors"),       # kept pairs in, embedded pairs out
+    "tag": ("tagged", "published"),        # embedded pairs tagged, samples published in dataset/
+    "index": ("vectors", "vectors"),       # vectors of the shard, vectors it added to the index
 }
 # Stats (and nested groups, e.g. `refused`) that say why samples were dropped.
-DROP_PREFIXES = ("drop_", "failed", "refused", "below_", "removed_", "filtered_", "rejected")
+DROP_PREFIXES = ("drop_", "dropped", "failed", "refused", "below_", "removed_", "filtered_", "rejected")
 
 
 def sample_keys(stage: str, stats: dict) -> tuple[str | None, str | None]:
