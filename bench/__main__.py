@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["bench.extract", "bench.download", "bench.polite", "bench.clip", "bench.tag"]
+BENCHES = ["bench.extract", "bench.download", "bench.polite", "bench.clip", "bench.tag", "bench.index", "bench.search"]
 
 
 def main(names: list[str]) -> int:

@@ -27,6 +27,8 @@ class KnnQuery(BaseModel):
     image_url: str | None = Field(None, max_length=MAX_URL, description="an image query by http(s) URL, fetched by the service")
     embedding_input: list[float] | None = Field(None, max_length=MAX_EMBEDDING,
                                                 description="a raw query embedding of the index's dimension")
+    similar_to: SampleId | None = Field(None, description="search with the stored image embedding of this result id "
+                                                            "(what clicking a result in the web UI does)")
     modality: Literal["image", "text"] | None = Field("image", description="search the image or the text index")
     num_images: int | None = Field(40, ge=1, description="results returned with their metadata")
     num_result_ids: int | None = Field(None, ge=1, description="results returned in all (the rest as id and "

@@ -172,7 +172,7 @@ def build_app(engine: Engine, index_name: str) -> FastAPI:
             notes["use_mclip"] = f"queries are embedded with the run's model, {engine.model_name}"
         with metrics.STEP_SECONDS.labels("embed").time():
             vector = engine.embed(text=query.text, image=query.image, image_url=query.image_url,
-                                  embedding=query.embedding_input)
+                                  embedding=query.embedding_input, similar_to=query.similar_to)
         vector = engine.reweight(vector, query.aesthetic_score, query.aesthetic_weight, notes)
         max_punsafe = query.max_punsafe
         if query.use_safety_model:

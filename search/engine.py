@@ -127,9 +127,9 @@ class Engine:
 
     # -- the query vector -----------------------------------------------------------------------
     def embed(self, text: str | None = None, image: str | None = None, image_url: str | None = None,
-              embedding: list | None = None) -> np.ndarray:
+              embedding: list | None = None, similar_to: int | None = None) -> np.ndarray:
         """(1, dim) float32, L2-normalised; the first given of text, image, image_url, embedding
-        (clip back's order)."""
+        (clip back's order), then a result id whose stored image embedding is the query."""
         if text:
             return self._model().text(text)
         if image:
@@ -144,7 +144,12 @@ class Engine:
             if not np.isfinite(vector).all() or not np.any(vector):
                 raise QueryError("embedding_input must be finite and not all zero")
             return normalized(vector[None, :])
-        raise QueryError("give one of text, image, image_url or embedding_input")
+        if similar_to is not None:
+            vectors = None if np.isin(similar_to, self.taken_down()) else self.catalog.embeddings([similar_to])
+            if vectors is None or vectors.shape[1] != self.dim:
+                raise QueryError(f"similar_to: this run has no sample {similar_to} (or no embedding for it)")
+            return normalized(vectors)
+        raise QueryError("give one of text, image, image_url or embedding_input (or similar_to)")
 
     def _model(self) -> Encoder:
         if self.encoder is None:

@@ -21,7 +21,7 @@ def subset_table(engine, ids, similarities=None) -> pa.Table:
     """The export table of `ids` (in their order); ids the run does not have are left out."""
     ids = np.asarray(ids, np.int64)
     table = engine.catalog.take(ids)
-    found = np.asarray(table.column("url").is_valid())
+    found = np.asarray(table.column("url").is_valid()) & ~np.isin(ids, engine.taken_down())
     sims = np.full(len(ids), np.nan, np.float32) if similarities is None else np.asarray(similarities, np.float32)
     table = table.append_column("similarity", pa.array(sims, pa.float32())) \
                  .append_column("id", pa.array(ids, pa.int64())).filter(pa.array(found))

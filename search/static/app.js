@@ -53,6 +53,7 @@ function writeUrl() {
   const params = new URLSearchParams();
   if (state.last && state.last.kind === 'text') params.set('query', state.last.value);
   if (state.last && state.last.kind === 'imageUrl') params.set('imageUrl', state.last.value);
+  if (state.last && state.last.kind === 'similar') params.set('similar', String(state.last.value));
   if ($('index').value) params.set('index', $('index').value);
   params.set('modality', $('modality').value);
   params.set('safeMode', $('safe-mode').checked);
@@ -75,6 +76,7 @@ function readUrl() {
   if (params.has('index')) $('index').value = params.get('index');
   if (params.get('query')) return { kind: 'text', value: params.get('query') };
   if (params.get('imageUrl')) return { kind: 'imageUrl', value: params.get('imageUrl') };
+  if (params.get('similar')) return { kind: 'similar', value: Number(params.get('similar')) };
   return null;
 }
 
@@ -85,6 +87,7 @@ async function search(query) {
   if (query.kind === 'text') body.text = query.value;
   if (query.kind === 'image') body.image = query.value;
   if (query.kind === 'imageUrl') body.image_url = query.value;
+  if (query.kind === 'similar') body.similar_to = query.value;
   $('query').value = query.kind === 'text' ? query.value : '';
   $('image-url').value = query.kind === 'imageUrl' ? query.value : '';
   showQueryImage(query);
@@ -110,10 +113,10 @@ async function search(query) {
 function showQueryImage(query) {
   const box = $('query-image');
   box.textContent = '';
-  if (query.kind === 'text') return;
+  if (query.kind === 'text' || (query.kind === 'similar' && !query.url)) return;
   const img = document.createElement('img');
   img.alt = 'the query image';
-  img.src = query.kind === 'image' ? 'data:image/*;base64,' + query.value : query.value;
+  img.src = query.kind === 'image' ? 'data:image/*;base64,' + query.value : (query.url || query.value);
   box.appendChild(img);
 }
 
@@ -134,7 +137,8 @@ function figure(result) {
   img.src = result.url;
   img.alt = result.caption || '';
   img.title = 'search for images like this one';
-  img.addEventListener('click', () => search({ kind: 'imageUrl', value: result.url }));
+  // By the result's own stored embedding: exact, and nothing to fetch.
+  img.addEventListener('click', () => search({ kind: 'similar', value: result.id, url: result.url }));
   fig.appendChild(img);
   if ($('display-similarities').checked) {
     const sim = document.createElement('div');

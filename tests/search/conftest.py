@@ -190,14 +190,18 @@ def start_server(store: str, cache: Path, *extra: str):
     import time
     import requests
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "clipfleet.producer.cli", "serve", "--store", store,
-                             "--port", str(port), "--cache-dir", str(cache), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    log = cache.parent / f"serve-{port}.log"  # a file, not a pipe nobody reads while it runs
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "clipfleet.producer.cli", "serve", "--store", store,
+                                 "--port", str(port), "--cache-dir", str(cache), *extra],
+                                stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"clipfleet serve exited {proc.returncode}: {proc.stdout.read()}")
+            raise RuntimeError(f"clipfleet serve exited {proc.returncode}: {log.read_text()}")
         try:
             if requests.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
@@ -209,13 +213,14 @@ def start_server(store: str, cache: Path, *extra: str):
 
 
 def stop_server(proc) -> str:
+    import subprocess
     proc.terminate()
     try:
-        out, _ = proc.communicate(timeout=30)
-    except Exception:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-    return out
+        proc.wait()
+    return proc.log.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -105,6 +105,8 @@ def test_image_upload_and_image_url(live, sandbox, world):
     by_url = live.post("/knn-service", {"image_url": probe["url"], "num_images": 3, "modality": "image",
                                         "indice_name": "sandbox"}).json()
     assert by_url[0]["id"] == red_circles[0]
+    similar = live.post("/knn-service", {"similar_to": red_circles[0], "num_images": 3, "modality": "image"}).json()
+    assert similar[0]["id"] == red_circles[0] and similar[0]["similarity"] > 0.99
 
 
 def test_text_index(live):
@@ -124,6 +126,7 @@ def test_text_index(live):
     ({"image": "!!!", "num_images": 3}, "image"),
     ({"image_url": "http://169.254.169.254/latest/meta-data/", "num_images": 3}, "image_url"),
     ({"image_url": "file:///etc/passwd", "num_images": 3}, "unsupported url"),
+    ({"similar_to": 5, "num_images": 3}, "no sample 5"),
     ({"text": "x", "aesthetic_score": "nine"}, "aesthetic_score"),
     ({"text": "x", "aesthetic_score": 12}, "aesthetic_score"),
     ("[1, 2]", "body"),

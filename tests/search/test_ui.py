@@ -104,7 +104,7 @@ def test_click_scroll_and_export(page, live, tmp_path):
     target = shown_ids(page)[5]
     page.click(f"#results figure[data-id='{target}'] img")
     page.wait_for_function(f"document.querySelector('#results figure').dataset.id === '{target}'")
-    assert "imageUrl=" in page.url
+    assert f"similar={target}" in page.url
     assert not page.problems, page.problems
 
 
