@@ -15,6 +15,7 @@ never built with random weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -169,8 +170,9 @@ def _load_arch(name: str, cache_dir: str | None):
     if arch not in open_clip.list_models():
         raise ModelNotAvailable(f"open_clip has no architecture {arch!r} (model {name!r})")
     if os.path.isfile(pretrained):
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-        return model, preprocess, open_clip.get_tokenizer(arch)
+        with _hub_files_of(name):
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+            return model, preprocess, open_clip.get_tokenizer(arch)
     cfg = get_pretrained_cfg(arch, pretrained)
     if not cfg:
         raise ModelNotAvailable(
@@ -187,11 +189,23 @@ def _load_arch(name: str, cache_dir: str | None):
         checkpoint = str(candidate) if candidate.is_file() else None
     if checkpoint is None:
         raise _missing(name, "not in the Hugging Face cache nor in ~/.cache/clip")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        arch, pretrained=checkpoint, force_quick_gelu=bool(cfg.get("quick_gelu", False)),
-        image_mean=cfg.get("mean"), image_std=cfg.get("std"),
-        image_interpolation=cfg.get("interpolation"), image_resize_mode=cfg.get("resize_mode"))
-    return model, preprocess, open_clip.get_tokenizer(arch)
+    with _hub_files_of(name):
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=checkpoint, force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+            image_mean=cfg.get("mean"), image_std=cfg.get("std"),
+            image_interpolation=cfg.get("interpolation"), image_resize_mode=cfg.get("resize_mode"))
+        return model, preprocess, open_clip.get_tokenizer(arch)
+
+
+@contextlib.contextmanager
+def _hub_files_of(name: str):
+    """Architectures with a Hugging Face text tower (xlm-roberta-base-ViT-B-32, LAION's
+    multilingual filter) also need that tower's config and tokenizer from the HF cache;
+    transformers says so with an OSError that does not name our model."""
+    try:
+        yield
+    except OSError as exc:
+        raise _missing(name, f"its Hugging Face text tower or tokenizer files: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- tag heads

@@ -1,0 +1,44 @@
+"""Model loading as the CLIP stages use it: calibrated thresholds, HF text towers that are not
+cached, devices and the split of cores between the model and decoding."""
+from __future__ import annotations
+
+import pytest
+
+from clipfleet.shared.models import ModelNotAvailable, load_clip, suggested_min_similarity
+from clipfleet.shared.models import runtime
+from clipfleet.workers.clip.options import ClipOptions
+
+
+def test_shapes_ships_its_threshold_and_open_clip_names_fall_back_to_laions():
+    assert suggested_min_similarity("shapes") == 0.7
+    assert suggested_min_similarity("ViT-B-32/openai") is None
+    opts = ClipOptions(filter_model="shapes")
+    assert (opts.min_similarity_en, opts.min_similarity_other) == (0.7, 0.26)
+    assert ClipOptions(min_similarity_en=0.3).min_similarity_en == 0.3  # an explicit value wins
+
+
+def test_a_text_tower_missing_from_the_hugging_face_cache_names_the_model(tmp_path):
+    checkpoint = tmp_path / "xlm.pt"
+    checkpoint.write_bytes(b"")  # never read: building the tower fails first, offline
+    name = f"xlm-roberta-base-ViT-B-32/{checkpoint}"
+    with pytest.raises(ModelNotAvailable, match="xlm-roberta-base-ViT-B-32") as info:
+        load_clip(name)
+    assert "Hugging Face text tower" in str(info.value)
+
+
+def test_the_model_gets_all_cores_but_one_and_decoding_the_rest(monkeypatch):
+    monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+    assert runtime.split_threads("cpu") == (7, 1)
+    assert runtime.split_threads("cpu", 4) == (4, 4)
+    assert runtime.split_threads("cuda") == (1, 7)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 1)
+    assert runtime.split_threads("cpu") == (1, 1)
+
+
+def test_devices_and_precisions_are_checked():
+    with pytest.raises(ValueError, match="device must be one of"):
+        runtime.choose_device("tpu")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            runtime.choose_device("cuda")
+    assert runtime.choose_device("cpu") == "cpu"
