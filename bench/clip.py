@@ -32,7 +32,7 @@ import pyarrow as pa
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".bench" / "clip-retrieval"
-SAMPLES = int(os.environ.get("CLIPFLEET_BENCH_CLIP_SAMPLES", 384))
+SAMPLES = int(os.environ.get("CLIPFLEET_BENCH_CLIP_SAMPLES", 256))
 SMALL = 64  # clip-retrieval's reference run, for its startup cost
 SHARD_SIZE = 192
 BATCH = int(os.environ.get("CLIPFLEET_BENCH_CLIP_BATCH", 64))
