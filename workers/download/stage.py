@@ -196,6 +196,7 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
                     "original_width": result.original_width, "original_height": result.original_height,
                     "sha256": result.sha256}
             writer.add(index, meta, result.image)
+            stats_out.advance()  # a running shard's progress, for `clipfleet run` and status
     finally:
         # On a soft time limit or an error, do not wait for stragglers; free threads waiting for room.
         stopping.set()
