@@ -69,5 +69,6 @@ def suggestions(name: str, known: list[str], n: int = 3) -> list[str]:
     holding = [flag for flag in known if word and word in flag.lstrip("-").split("-")] if word else []
     holding.sort(key=len)
     close = difflib.get_close_matches(name.lower(), known, n=n, cutoff=0.6)
-    found = list(dict.fromkeys(holding + close))
-    return found[:n]
+    # Every flag holding the word: with one per stage (--download-threads, --clip-threads, ...)
+    # the one meant can be any of them.
+    return list(dict.fromkeys(holding[:6] + close))[:max(n, len(holding[:6]))]
