@@ -253,6 +253,11 @@ def first_shards(store: Store, cfg: RunConfig) -> tuple[str, set[str]]:
     return "download", {n[:-len(".parquet")] for n in store.list("urls") if n.endswith(".parquet")}
 
 
+# (store uri, run created_at) -> {(stage, shard): next_shards}. Without it every run-once `due`
+# check re-read every marker of the run, so each index task cost O(shards) store reads.
+_NEXT_SHARDS: dict = {}
+
+
 def shard_state(store: Store, stage: str, cfg: RunConfig | None = None,
                 next_cache: dict | None = None) -> ShardState:
     """Expected, done and failed shards of `stage`, walking the markers from the run's inputs.
@@ -263,7 +268,9 @@ def shard_state(store: Store, stage: str, cfg: RunConfig | None = None,
     chain = STAGES[STAGES.index(first):]
     if stage not in chain:
         return ShardState(stage, set(), set(), set(), True)
-    cache = {} if next_cache is None else next_cache
+    if next_cache is None:  # markers never change once written: each is read once per process and run
+        next_cache = _NEXT_SHARDS.setdefault((store.uri, cfg.created_at), {})
+    cache = next_cache
     upstream = True
     for name in chain[:chain.index(stage) + 1]:
         done = store.done(name) & expected
