@@ -302,6 +302,8 @@ def main() -> dict:
                 keep_best(results, "floor", floor(store, qs),
                           lambda f: f["loaded"]["qps"])
                 keep_best(results, "clipfleet_embedding", load(port, embedding))
+                # One client: latency without queueing behind other requests on these cores.
+                keep_best(results, "clipfleet_embedding_1", load(port, embedding, total=1000, concurrency=1))
                 keep_best(results, "clipfleet_text", load(port, texts))
                 keep_best(results, "clipfleet_filtered", load(port, filtered))
         finally:
@@ -323,6 +325,7 @@ def main() -> dict:
 def report(r: dict) -> dict:
     f_alone, f_loaded = r["floor"]["alone"], r["floor"]["loaded"]
     rows = [("bare faiss, one at a time", f_alone), (f"bare faiss, {r['concurrency']} threads", f_loaded),
+            ("clipfleet serve, embedding, 1 client", r["clipfleet_embedding_1"]),
             ("clipfleet serve, embedding", r["clipfleet_embedding"]), ("clipfleet serve, text", r["clipfleet_text"]),
             ("clipfleet serve, embedding + dedup + safety", r["clipfleet_filtered"])]
     if "clip_back_embedding" in r:
@@ -342,8 +345,14 @@ def report(r: dict) -> dict:
            # <= 1 meets the goal: p99 within 2x the bare search's (same load) + 5 ms.
            "embedding_p99_vs_goal_ratio": r["clipfleet_embedding"]["p99_ms"] / goal_ms,
            "floor_vs_embedding_qps_ratio": f_loaded["qps"] / r["clipfleet_embedding"]["qps"]}
-    print(f"p99 goal (2 x bare faiss p99 under the same load + 5 ms): {goal_ms:.2f} ms; embedding p99 is "
-          f"{out['embedding_p99_vs_goal_ratio']:.2f}x of it")
+    alone_goal_ms = 2 * f_alone["p99_ms"] + 5
+    one = r["clipfleet_embedding_1"]
+    out.update(embedding_1_qps=one["qps"], embedding_1_p50_ms=one["p50_ms"], embedding_1_p99_ms=one["p99_ms"],
+               floor_alone_p99_ms=f_alone["p99_ms"], embedding_1_p99_vs_goal_ratio=one["p99_ms"] / alone_goal_ms)
+    print(f"p99 goal, one client (2 x bare faiss p99 one at a time + 5 ms): {alone_goal_ms:.2f} ms; the service's "
+          f"p99 is {out['embedding_1_p99_vs_goal_ratio']:.2f}x of it")
+    print(f"p99 goal, {r['concurrency']} clients (2 x bare faiss p99 from as many threads + 5 ms): {goal_ms:.2f} ms; "
+          f"the service's p99 is {out['embedding_p99_vs_goal_ratio']:.2f}x of it")
     if "clip_back_embedding" in r:
         back = r["clip_back_embedding"]
         out.update(clip_back_qps=back["qps"], clip_back_p50_ms=back["p50_ms"], clip_back_p99_ms=back["p99_ms"],

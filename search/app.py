@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +104,8 @@ class Guard:
 def build_app(engine: Engine, index_name: str) -> FastAPI:
     settings = engine.settings
 
-    @asynccontextmanager
-    async def lifespan(_app):
-        yield
-
-    app = FastAPI(title="clipfleet search", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+    # No /docs: its page loads scripts from a CDN, and a search server may have no internet.
+    app = FastAPI(title="clipfleet search", version="1", docs_url=None, redoc_url=None,
                   description="clip-retrieval's clip back API over a clipfleet run: ClipClient and clip front "
                               "work against it as they are.")
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"], allow_headers=["*"],

@@ -109,6 +109,11 @@ class Engine:
         faiss.omp_set_num_threads(1)
         self.model_name = infos_model(self.indices["image"]) or self._run_model()
         self.encoder = Encoder(self.model_name, settings, threads) if load_model else None
+        if self.encoder is not None:
+            got = self.encoder.text("a photo").shape[1]
+            if self.dim and got != self.dim:
+                raise QueryError(f"model {self.model_name} embeds in {got} dimensions but the index holds "
+                                 f"{self.dim}: the index was built with another model")
 
     def _run_model(self) -> str:
         from clipfleet.shared.runconfig import RunConfig
@@ -177,6 +182,8 @@ class Engine:
                deadline: float | None = None) -> Outcome:
         filters = filters or Filters()
         index = self.index(modality)
+        if index.dim and query.shape[1] != index.dim:
+            raise QueryError(f"the query has {query.shape[1]} dimensions, the {modality} index {index.dim}")
         notes: dict = {}
         self._check_filters(filters, notes)
         active = filters.active()

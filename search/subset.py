@@ -45,8 +45,14 @@ def run_subset(store_uri: str, query: str, k: int, out: str, *, max_punsafe=None
 
     if k < 1:
         raise ValueError("--k must be at least 1")
+    from clipfleet.search.catalog import CatalogError
+    from clipfleet.search.index import IndexMissing
+    from clipfleet.shared.models import ModelNotAvailable
     settings = ServeSettings(cache_dir=cache_dir, max_search_depth=max(k * 100, 100_000))
-    engine = Engine(Store(store_uri), settings)
+    try:
+        engine = Engine(Store(store_uri), settings)
+    except (CatalogError, IndexMissing, ModelNotAvailable) as exc:
+        raise ValueError(f"cannot search {store_uri}: {exc}") from None  # the CLI's one-line error
     started = time.monotonic()
     vector = engine.embed(text=query)
     filters = Filters(deduplicate=deduplicate, max_punsafe=max_punsafe, max_pwatermark=max_pwatermark,
