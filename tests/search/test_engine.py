@@ -170,3 +170,11 @@ def test_s3_store_and_rebuild_on_new_shards(s3_server, tmp_path, world, truth):
     Store(uri).write_bytes(layout.tag_shard(SHARDS[0]), sink.getvalue().to_pybytes())
     rebuilt = Engine(Store(uri), ServeSettings(cache_dir=str(cache)), load_model=False)
     assert rebuilt.catalog.take([layout.global_id(SHARDS[0], 0)], ["aesthetic"]).column(0)[0].as_py() == 1.0
+
+
+def test_deadline_stops_the_deeper_search_and_says_so(engine):
+    import time
+    query = engine.embed(embedding=[1.0] * engine.dim)
+    outcome = engine.search(query, 10, filters=Filters(languages=("xx",)), deadline=time.monotonic() - 1)
+    assert outcome.rounds == 1 and not outcome.complete
+    assert "query deadline" in outcome.notes["num_result_ids"]
