@@ -38,7 +38,7 @@ def sizes() -> dict:
     n = int(os.environ.get("BENCH_INDEX_VECTORS", 50_000))
     dim = int(os.environ.get("BENCH_INDEX_DIM", 32))
     shard = int(os.environ.get("BENCH_INDEX_SHARD", 10_000))
-    memory = os.environ.get("BENCH_INDEX_MEMORY") or f"{max(1, n * dim * 4 // 5 // 2 ** 20)}M"
+    memory = os.environ.get("BENCH_INDEX_MEMORY") or f"{max(1, n * dim * 4 // 5 // 1024)}K"
     return {"vectors": n, "dim": dim, "shard": shard, "memory": memory}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from clipfleet.shared import layout
 from clipfleet.shared.pipeline import shard_state
 from clipfleet.shared.runconfig import RunConfig
-from clipfleet.shared.storage import Store
+from clipfleet.shared.storage import DEADLETTER, Store
 from clipfleet.workers.index import vectors
 
 TRAIN = "index-train"
@@ -68,7 +68,8 @@ def indexed_shards(store: Store, done: set[str]) -> tuple[list[int], bool]:
         if waiting(store, name):
             part = _markers.get(store, PART_MARKERS, name)
             if part is None:
-                all_ready = False
+                # not added yet, unless adding it failed for good (dead-lettered): merged without it
+                all_ready = all_ready and store.exists(f"{DEADLETTER}/{PART_MARKERS}/{name}.json")
                 continue
             n = part["stats"].get("vectors", 0)
         else:

@@ -142,7 +142,15 @@ class TrainIndex(RunOnce):
         if not counts:  # nothing was embedded: the merge publishes an empty index
             stats.put("index_key", None)
             return StageOutput({})
-        dim = int(vectors.load(store, min(counts)).shape[1])
+        # the width most vectors have; a shard of another width is left out of the sample and
+        # dead-lettered when it is added, rather than failing the training for every shard
+        widths = {s: int(vectors.load(store, s).shape[1]) for s in counts}
+        dim = max(sorted(set(widths.values()), key=lambda w: min(s for s in counts if widths[s] == w)),
+                  key=lambda w: sum(n for s, n in counts.items() if widths[s] == w))  # ties: the first shard's
+        odd = sorted(s for s in counts if widths[s] != dim)
+        if odd:
+            log.error("shards %s have vectors of another width than %d; not trained on", odd, dim)
+            counts = {s: n for s, n in counts.items() if widths[s] == dim}
         expected = self.expected_vectors(store, counts)
         index_key = build.choose_key(expected, dim, self.options.index_memory, self.options.index_key)
         size = build.train_size(expected, index_key, self.options.index_train_memory, dim)
@@ -176,11 +184,16 @@ class TrainIndex(RunOnce):
                 continue
             with store.staging() as out:
                 files, n = {}, 0
-                for modality in modalities(self.options):
-                    count, path = add_shard(store, int(name), modality, marker, out)
-                    n = count if modality == "image" else n
-                    if path is not None:
-                        files[layout.index_part(int(name), modality)] = path
+                try:
+                    for modality in modalities(self.options):
+                        count, path = add_shard(store, int(name), modality, marker, out)
+                        n = count if modality == "image" else n
+                        if path is not None:
+                            files[layout.index_part(int(name), modality)] = path
+                except vectors.BadEmbeddings as exc:  # this shard fails for good; the others go on
+                    log.error("index %s: %s", name, exc)
+                    store.write_deadletter(PART_MARKERS, name, {"error": f"BadEmbeddings: {exc}"})
+                    continue
                 store.commit(PART_MARKERS, name, files, {"stats": {"vectors": n}})
 
 

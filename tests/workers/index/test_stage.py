@@ -15,7 +15,7 @@ from clipfleet.shared.runconfig import RunConfig
 from clipfleet.workers.index import vectors
 from clipfleet.workers.index.serving import IndexNotBuilt, ServingIndex
 from clipfleet.workers.index.stage import IndexStage
-from tests.workers.index.conftest import add_shard, drive, make_run, mark, sample_key
+from tests.workers.index.conftest import World, add_shard, drive, make_run, mark, sample_key
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[3]
 
@@ -159,3 +159,18 @@ def test_a_run_without_vectors_serves_an_empty_index(tmp_path, world):
     index = ServingIndex.open(store)
     sims, ids = index.search(np.ones((2, world.dim), np.float32), 3)
     assert index.ntotal == 0 and (ids == -1).all() and np.isneginf(sims).all()
+
+
+def test_a_waiting_shard_whose_vectors_do_not_fit_the_trained_index_is_dead_lettered_alone(tmp_path, world):
+    store = make_run(str(tmp_path / "store"), index_key="IVF8,Flat", index_train_after=10_000)
+    add_shard(store, world, 0, 300)
+    add_shard(store, world, 1, 300, stages=("download",))
+    drive(store, [0])                                  # waits: 300 < 10 000 and shard 1 is on its way
+    odd = World(dim=world.dim * 2)
+    add_shard(store, odd, 1, 300)                      # shard 1 arrives with vectors of another width
+    store.commit("embed", 1, {}, {"stats": {"vectors": 300, "dim": odd.dim}, "next_shards": [1]})
+    drive(store, [1])
+    assert store.marker("index-part", 0) is not None
+    dead = store.deadletters("index-part")
+    assert [d["shard"] for d in dead] == ["00001"] and "dimensions" in dead[0]["error"]
+    assert store.read_json("index/infos.json")["shards"] == [0]
