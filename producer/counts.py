@@ -64,7 +64,8 @@ def drop_reasons(total: dict, top: int = 5) -> list[tuple[str, int]]:
     for key, value in total.items():
         if isinstance(value, dict):
             if key.startswith(DROP_PREFIXES):
-                reasons += [(f"{key}: {k}", v) for k, v in value.items() if v]
+                # a group named "dropped" says nothing its reasons do not (clip: "below threshold")
+                reasons += [(k if key == "dropped" else f"{key}: {k}", v) for k, v in value.items() if v]
         elif key.startswith(DROP_PREFIXES) and value:
             reasons.append((key, value))
     return sorted(reasons, key=lambda r: (-r[1], r[0]))[:top]

@@ -17,6 +17,7 @@ from clipfleet.sandbox.web import DEFAULT_PORT, make_sandbox
 
 SAMPLE_QUERY = "a red circle"
 DEMO_MODEL = "shapes"
+DEMO_SHARD_SIZE = 250
 
 
 class DemoError(RunError):
@@ -25,6 +26,9 @@ class DemoError(RunError):
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # as the sandbox server binds: connections the last demo closed (TIME_WAIT) do not hold
+        # the port, only a listener does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -62,11 +66,15 @@ def _free_port() -> int:
     return free_port()
 
 
-def show_sample_query(cli_main, store: str) -> None:
+def show_sample_query(store: str) -> None:
     import pyarrow.parquet as pq
+
+    from clipfleet.search.subset import run_subset
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "subset.parquet")
-        if cli_main(["subset", "--store", store, "--query", SAMPLE_QUERY, "--k", "5", "--out", out]) != 0:
+        # the library, not the `subset` command: its lines name a file this function deletes
+        if not run_subset(store, SAMPLE_QUERY, 5, out)["rows"]:
+            print(f"\nno results for {SAMPLE_QUERY!r}")
             return
         rows = pq.read_table(out).to_pylist()
     print(f"\ntop results for {SAMPLE_QUERY!r}:")
@@ -87,9 +95,14 @@ def run_demo(store: str, samples: int, serve: bool, port: int = 1234) -> int:
         print(f"sandbox web: {server.url}", flush=True)
         # The sandbox is our own server on loopback: the address guard exists for other people's
         # servers, so the demo opens loopback; every politeness rule still applies.
+        # Shards of DEMO_SHARD_SIZE, not the default 10 000, so the stages stream: a few thousand
+        # samples make a dozen shards flowing through every stage at once.
         code = cli_main(["run", "--wat", *wats, "--store", store_uri, "--allow-private-addresses",
+                         "--shard-size", str(DEMO_SHARD_SIZE),
                          "--filter-model", DEMO_MODEL, "--multilingual-filter-model", DEMO_MODEL,
-                         "--embed-model", DEMO_MODEL])
+                         "--embed-model", DEMO_MODEL, "--index-text",  # text index: modality=text search
+                         # shapes learnt from whole images: border padding pulls its similarities down
+                         "--resize-mode", "keep_ratio"])
         if code != 0:
             return code
         if "report" in commands:
@@ -97,8 +110,10 @@ def run_demo(store: str, samples: int, serve: bool, port: int = 1234) -> int:
             if cli_main(["report", "--store", store_uri, "--out", report]) == 0:
                 print(f"report: {report}")
         if "subset" in commands:
-            show_sample_query(cli_main, store_uri)
+            show_sample_query(store_uri)
         print(f"\nstore: {store_uri}\nsandbox: {world}")
+        if not serve:
+            print(f"search it with: clipfleet serve --store {store_uri}  (or rerun with --serve)")
         if serve and "serve" in commands:
             print("serving search until Ctrl-C (the sandbox web stays up for the images)", flush=True)
             try:
