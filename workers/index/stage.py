@@ -245,6 +245,7 @@ class MergeIndex(RunOnce):
         dim = train_marker["stats"].get("dim")
         ivf = bool(train_marker["stats"].get("ivf"))
         infos = {"modality": modality, "generation": generation, "index_key": key, "dim": dim,
+                 "model": self.run_config.embed.embed_model,   # what queries must be embedded with
                  "metric": "inner_product", "shards": shards, "takedowns": layout.TAKEDOWN_IDS,
                  "index_memory": self.options.index_memory, "query_budget_ms": self.options.index_query_ms,
                  "trained": {"vectors": train_marker["stats"].get("train_vectors"),

@@ -36,6 +36,7 @@ def test_small_run_trains_once_merges_once_and_ids_point_at_their_metadata_rows(
     # under 1000 vectors autofaiss builds an exact index
     assert infos["index_key"] == "Flat" and infos["vectors"] == 600 and infos["dim"] == world.dim
     assert infos["shards"] == shards and infos["generation"] == 1
+    assert infos["model"] == RunConfig.load(store).embed.embed_model
     assert infos["recall@1"] == infos["recall@10"] == 1.0 and infos["latency_ms"]["p99"] > 0
     assert "text embeddings" in infos["queries"] and infos["size_bytes"] > 600 * world.dim * 4
 
