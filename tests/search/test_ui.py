@@ -28,6 +28,7 @@ def browser():
 def page(browser):
     context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
     page = context.new_page()
+    page.set_default_timeout(90_000)  # the shared 2-core machine can be slow; nothing here is timed
     page.problems = []
     page.on("console", lambda m: page.problems.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: page.problems.append(str(e)))
@@ -40,7 +41,7 @@ def shown_ids(page) -> list[int]:
 
 
 def wait_for_results(page, at_least: int = 1):
-    page.wait_for_function(f"document.querySelectorAll('#results figure').length >= {at_least}", timeout=30_000)
+    page.wait_for_function(f"document.querySelectorAll('#results figure').length >= {at_least}")
     page.wait_for_function("!document.getElementById('status').textContent.startsWith('searching')")
 
 
