@@ -190,7 +190,39 @@ class Sweeper:
                         remove_delivery(self.client, d.tag)
         for key in [k for k in self.suspects if k[1] not in pending.get(k[0], ())]:
             del self.suspects[key]
+        self._sweep_run_once(now)
         return out
+
+    def _sweep_run_once(self, now: float) -> None:
+        """Run-once tasks (the index's train and merge; shared/pipeline.py) hold no lease: their
+        lock, renewed while one runs, says the same. A delivery of this run's older than the
+        suspect time whose lock is free was left by a dead worker: it goes back to its queue (or
+        is forgotten once its marker exists), so a worker killed mid-merge does not leave the run
+        waiting for the visibility timeout."""
+        run = leases.run_key(self.store.uri)
+        index = dict(self.client.zrange(UNACKED_INDEX, 0, -1, withscores=True))
+        for tag, value in self.client.hgetall(UNACKED).items():
+            delivered_at = index.get(tag, now)
+            try:
+                decoded = decode_message(json.dumps(json.loads(value)[0]))
+            except (ValueError, IndexError, TypeError):
+                continue
+            if decoded is None or now - delivered_at < leases.suspect_s():
+                continue
+            name, args, _kwargs, headers = decoded
+            if not name.startswith("clipfleet.") or len(args) < 2 or not isinstance(args[1], str) \
+                    or str(args[0]).rstrip("/") != self.store.uri.rstrip("/"):
+                continue
+            tag = tag.decode() if isinstance(tag, bytes) else tag
+            once = name.removeprefix("clipfleet.")
+            if _eta_ahead(Delivery(tag, delivered_at, headers.get("eta")), now) or \
+                    self.client.exists(f"clipfleet:once-lock:{run}:{once}"):
+                continue
+            if self.store.marker(once, args[1]) is not None:
+                remove_delivery(self.client, tag)
+                continue
+            restore_delivery(self.app, tag)
+            log.warning("%s %s: held by no live worker; put its unacked message back in the queue", once, args[1])
 
     def _recover(self, stage: str, shard: int, deliveries: list[Delivery], now: float,
                  resumed: bool) -> bool:

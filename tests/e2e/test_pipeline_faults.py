@@ -1,7 +1,8 @@
 """The whole pipeline, WAT files to a serving index, on `clipfleet worker` processes (one per
 queue), a Redis with AOF and an S3 store behind a proxy, while the test does what clusters do:
 
-- SIGKILLs the worker of every stage while it runs a task, and starts a fresh one;
+- SIGKILLs the worker of every stage while it runs a task, and starts a fresh one, and the
+  index worker once more while it merges (a run-once task: no shard, no lease);
 - SIGTERMs one mid-task, as a scale-down does;
 - restarts Redis mid-run;
 - makes the S3 server unreachable for 30 s.
@@ -71,6 +72,20 @@ def inject_worker_faults(workers: Workers, broker: str, run: subprocess.Popen, l
     return hit
 
 
+def wait_for_task(broker: str, queue: str, task: str, run: subprocess.Popen, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert run.poll() is None, f"the run ended before {task} could be hit"
+        assert time.monotonic() < deadline, f"no {task} ran"
+        try:
+            found = [args for _, name, args in delivered(broker, older_than=0.05).get(queue, []) if name == task]
+        except Exception:
+            found = []
+        if found:
+            return found[0]
+        time.sleep(0.05)
+
+
 @pytest.mark.timeout(900)
 def test_the_pipeline_survives_worker_kills_a_redis_restart_and_an_s3_outage(
         tmp_path, fault_world, fault_web, redis_aof, s3_server):
@@ -109,6 +124,11 @@ def test_the_pipeline_survives_worker_kills_a_redis_restart_and_an_s3_outage(
         time.sleep(S3_OUTAGE_S)
         proxy.resume()
         log("s3: back")
+        # the merge is a run-once task, not a shard: no lease, its lock says it runs
+        merge = wait_for_task(redis_aof.url, "index-merge", "clipfleet.index-merge", run)
+        workers.signal("index-merge", signal.SIGKILL)
+        log(f"SIGKILL index-merge worker while it ran clipfleet.index-merge{merge}")
+        workers.start("index-merge")
         try:
             code = run.wait(600)
         except subprocess.TimeoutExpired:
