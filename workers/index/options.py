@@ -26,7 +26,7 @@ class IndexOptions:
     index_memory: str = option("4G", "size budget of the serving index; autofaiss picks the index key for it "
                                      "(exact or HNSW when it fits, else IVF with product quantization)",
                                metavar="SIZE", check=_memory)
-    index_query_ms: float = option(10.0, "query time budget (ms per single query) the search parameters are tuned to",
+    index_query_ms: float = option(10.0, "query time budget: the median ms of one query, on one thread, the search parameters are tuned to",
                                    check=_positive)
     index_train_after: int = option(1_000_000, "train the index once this many vectors are embedded (or when "
                                                 "the run's last shard is embedded, whichever comes first)",

@@ -14,7 +14,7 @@ median time of one query at a time on one thread (a server answers one request p
 median, because a machine shared with other work makes the mean swing with every stall). The
 choice is the smallest setting whose recall@10 and 10-recall@10 are both within 0.002 of the best
 settings that keep the median within `--index-query-ms`: autofaiss maximises recall under the budget; this also stops
-spending latency once recall has saturated.
+spending latency once recall has saturated (the grid stops after two doublings that gain nothing).
 """
 from __future__ import annotations
 
@@ -76,14 +76,18 @@ def latencies_ms(index: faiss.Index, queries: np.ndarray, k: int = 10) -> np.nda
 
 def tune(index: faiss.Index, key: str, queries: np.ndarray, exact_ids: np.ndarray, budget_ms: float) -> dict:
     """Pick the search parameters (see the module doc); returns them with what was measured."""
-    tried = []
+    tried, stale = [], 0
     for params in grid(index, key):
         apply(index, params)
         _, found = index.search(queries, 10)
         p50 = float(np.median(latencies_ms(index, queries[:LATENCY_QUERIES])))
-        tried.append({"params": params, "p50_ms": round(p50, 4), **recalls(found, exact_ids)})
-        if p50 > budget_ms or tried[-1]["recall@10"] >= 1.0:
-            break  # slower settings only get slower; nothing beats every neighbour found
+        point = {"params": params, "p50_ms": round(p50, 4), **recalls(found, exact_ids)}
+        gained = not tried or any(point[r] > max(t[r] for t in tried) + SATURATED
+                                  for r in ("recall@10", "10-recall@10"))
+        stale = 0 if gained else stale + 1
+        tried.append(point)
+        if p50 > budget_ms or point["recall@10"] >= 1.0 or stale >= 2:
+            break  # slower settings only get slower; nothing beats every neighbour found; or saturated
     within = [t for t in tried if t["p50_ms"] <= budget_ms] or tried[:1]
     best = max(t["recall@10"] for t in within)
     best_all10 = max(t["10-recall@10"] for t in within)
