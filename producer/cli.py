@@ -155,7 +155,19 @@ def cmd_takedown(args) -> int:
 
 def cmd_demo(args) -> int:
     from clipfleet.producer.demo import run_demo
-    return run_demo(args.store, args.samples, args.keep_serving)
+    return run_demo(args.store, args.samples, args.serve, args.port)
+
+
+def cmd_metrics(args) -> int:
+    from clipfleet.producer.metrics import serve
+    broker = args.broker or os.environ.get("CLIPFLEET_BROKER")
+    if not broker:
+        raise FleetError("no broker: pass --broker redis://HOST:PORT/0 or set CLIPFLEET_BROKER")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    serve(broker, args.host, args.port, args.interval, stop)
+    return 0
 
 
 # -- serve / subset ----------------------------------------------------------------------------
@@ -248,9 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="run the whole pipeline offline on a local synthetic web")
     dm.add_argument("--store", default="demo-store", help="where the demo run writes (default %(default)s); the sandbox world goes beside it")
-    dm.add_argument("--samples", type=int, default=1000, help="images in the synthetic web (default %(default)s)")
-    dm.add_argument("--keep-serving", action="store_true", help="keep serving the synthetic web after the run, until Ctrl-C")
+    dm.add_argument("--samples", type=int, default=2000, help="images in the synthetic web (default %(default)s)")
+    dm.add_argument("--serve", action="store_true", help="after the run, serve search (and the synthetic web "
+                                                       "its images live on) until Ctrl-C")
+    dm.add_argument("--port", type=int, default=1234, help="with --serve: the search port (default %(default)s)")
     dm.set_defaults(func=cmd_demo)
+
+    mt = sub.add_parser("metrics", help="export queue lengths (waiting and reserved) for Prometheus")
+    mt.add_argument("--broker", help="Redis URL of the fleet (default: $CLIPFLEET_BROKER)")
+    mt.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    mt.add_argument("--port", type=int, default=9808, help="port of /metrics (default %(default)s)")
+    mt.add_argument("--interval", type=float, default=5.0, help="seconds between broker reads (default %(default)s)")
+    mt.set_defaults(func=cmd_metrics)
 
     from clipfleet.search.settings import ServeSettings
     sv = sub.add_parser("serve", help="serve a run's index: clip back's API, a web UI, /metrics")
