@@ -27,7 +27,7 @@ demo: install
 	$(VENV)/bin/clipfleet demo --serve
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 tests
 
 bench: install
 	$(PY) -m bench
