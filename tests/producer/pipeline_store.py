@@ -8,31 +8,14 @@ they are due, as the fleet runs them.
 from __future__ import annotations
 
 import json
-import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 from clipfleet.shared.pipeline import TASK_MODULES, Stage, execute
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
+from tests.conftest import redis_server
 
 SHARD_SIZE = 60
-
-
-@contextmanager
-def redis_server(workdir: Path):
-    from clipfleet.producer.fleet import _wait_for, check_broker, find_redis_server, free_port
-    port = free_port()
-    proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        _wait_for(lambda: check_broker(url, 0.5) is None, "redis-server", 20, proc)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def run_config(store_uri: str, wat: str, **options) -> RunConfig:
