@@ -14,6 +14,7 @@ from clipfleet.shared.pipeline import TASK_MODULES, Stage, execute
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
 from tests.conftest import redis_server
+from tests.workers.index.conftest import drive as drive_index
 
 SHARD_SIZE = 60
 
@@ -59,35 +60,11 @@ def build_run_store(store_uri: str, world: Path, workdir: Path, stop_after: str 
             execute(stage, store, shard)
         if name == stop_after:
             return {"shards": shards, "real": real}
-    write_index(store, shards)
+    drive_index(store, shards)  # as the fleet drives it: partials, then train and merge when due
     real.append("index")
     return {"shards": shards, "real": real}
 
 
-def write_index(store: Store, shards: list[int]) -> list[str]:
-    """index/ through the real index stage, as the fleet drives it: each shard's partial, the
-    run-once train and merge tasks whenever they are due. Returns what ran, in order."""
-    from clipfleet.workers.index.stage import IndexStage, MergeIndex, TrainIndex
-    cfg = RunConfig.load(store)
-    stage, train, merge = IndexStage(cfg), TrainIndex(cfg), MergeIndex(cfg)
-    ran = []
-
-    def once(task) -> bool:
-        key = task.due(store)
-        if key is None or store.marker(task.name, key) is not None:
-            return False
-        execute(task, store, key)
-        task.after(store.uri, key)
-        ran.append(f"{task.name} {key}")
-        return True
-
-    for shard in shards:
-        execute(stage, store, shard)
-        ran.append(f"index {shard}")
-        if once(train):
-            once(merge)
-        once(merge)
-    return ran
 
 
 def _real_stage(name: str, cfg: RunConfig) -> Stage:
