@@ -135,8 +135,12 @@ def successes(folder: Path) -> int:
 
 
 def run_clipfleet(url_list: Path, store_dir: Path, fleet) -> float:
-    from clipfleet.producer import run as runlib
+    from clipfleet.producer.feed import enqueue
+    from clipfleet.producer.follow import follow
+    from clipfleet.producer.register import first_tasks, register
     from clipfleet.shared.runconfig import RunConfig
+    from clipfleet.shared.runstate import RunState
+    from clipfleet.shared.storage import shard_name
     from clipfleet.shared.storage import Store
     from clipfleet.workers.app import make_app
     import redis
@@ -144,12 +148,13 @@ def run_clipfleet(url_list: Path, store_dir: Path, fleet) -> float:
     cfg = RunConfig.make(store=store.uri, inputs=[str(url_list)], input_kind="urls", until="download",
                     shard_size=SHARD_SIZE, allow_private_addresses=True, download_threads=THREADS,
                     domain_max_concurrency=4 * THREADS * PROCESSES, domain_max_rate=0.0)
-    runlib.register(store, cfg)
-    first = runlib.first_tasks(store, cfg)  # URL shards written before the clock starts
+    register(store, cfg)
+    first = first_tasks(store, cfg)  # URL shards written before the clock starts
     app, client = make_app(fleet.broker), redis.Redis.from_url(fleet.broker)
     started = time.perf_counter()
-    runlib.enqueue(app, client, store, first)
-    state = runlib.follow(store, ["download"], first, poll_s=0.05, show_progress=False)
+    enqueue(app, client, store, first)
+    state = follow(RunState(store, cfg, first={shard_name(t.shard) for t in first}), poll_s=0.05,
+                   show_progress=False)
     seconds = time.perf_counter() - started
     if state[0].failed:
         raise RuntimeError(f"clipfleet: shards failed: {sorted(state[0].failed)}")

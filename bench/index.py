@@ -126,7 +126,7 @@ def main() -> dict:
     import faiss
     from clipfleet.shared.runconfig import RunConfig
     from clipfleet.shared.storage import Store
-    from clipfleet.workers.index.serving import ServingIndex
+    from clipfleet.shared.serving import ServingIndex
     s = sizes()
     n, dim, per_shard, memory = s["vectors"], s["dim"], s["shard"], s["memory"]
     extra = n // 10

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import redis
 
 from clipfleet.producer.fleet import check_broker, find_redis_server, free_port
-from clipfleet.producer.recovery import recovery_bound_s
+from clipfleet.shared.recovery import recovery_bound_s
 from clipfleet.sandbox.server import SandboxServer
 from clipfleet.sandbox.web import make_sandbox
 from clipfleet.shared.storage import Store

@@ -123,7 +123,7 @@ def queries(n: int) -> np.ndarray:
 
 def floor(store: str, qs: np.ndarray) -> dict:
     import faiss
-    from clipfleet.workers.index.serving import open_index
+    from clipfleet.shared.serving import open_index
     faiss.omp_set_num_threads(1)  # one query per call: its threads would only contend
     infos = json.loads((Path(store) / "index" / "infos.json").read_text())
     index = open_index(Path(store) / infos["index_file"], ivf=True)

@@ -10,11 +10,12 @@ import threading
 
 from clipfleet.producer.argparsing import Parser, parse_args
 from clipfleet.producer.fleet import FleetError, check_broker, parse_queues, start_fleet, state_dir
-from clipfleet.producer.run import RunError
+from clipfleet.producer.register import RunError
 from clipfleet.shared.options import add_flags, from_args
-from clipfleet.shared.pipeline import QUEUES, STAGES, built_stages
-from clipfleet.shared.runconfig import SECTIONS, TITLES, RunConfig
-from clipfleet.shared.storage import StoreError
+from clipfleet.shared.runconfig import RunConfig, sections, titles
+from clipfleet.shared.stages import REGISTRY
+from clipfleet.shared.storage import StoreError, shard_name
+from clipfleet.workers.registry import REGISTRY as _FILLED  # noqa: F401  (the stages, before any flag)
 
 log = logging.getLogger("clipfleet")
 
@@ -23,7 +24,7 @@ log = logging.getLogger("clipfleet")
 def cmd_up(args) -> int:
     queues = parse_queues(args.queues)
     if args.store:
-        from clipfleet.producer.run import check_store
+        from clipfleet.producer.register import check_store
         check_store(args.store)
     logs = state_dir(args.store) / "logs"
     logs.mkdir(exist_ok=True)
@@ -72,14 +73,14 @@ def run_config_from_args(args, store_uri: str) -> RunConfig:
         inputs, kind = crawl_inputs(args.crawl, args.wat_count, seed=args.sample_seed), "wat"
     else:
         inputs, kind = list(args.urls), "urls"
-    sections = {name: from_args(cls, args) for name, cls in SECTIONS.items()}
-    if sections["download"].blocklist:
-        sections["download"].blocklist = checked_blocklist(sections["download"].blocklist)
+    given = {name: from_args(cls, args) for name, cls in sections().items()}
+    if given["download"].blocklist:
+        given["download"].blocklist = checked_blocklist(given["download"].blocklist)
     if kind == "urls":  # before run.json is written: a fixed command must not meet "a different run"
         from clipfleet.producer.urls import input_columns
         for uri in inputs:
-            input_columns(uri, sections["input"].url_col, sections["input"].caption_col)
-    return RunConfig(store=store_uri, inputs=inputs, input_kind=kind, until=args.until or STAGES[-1], **sections)
+            input_columns(uri, given["input"].url_col, given["input"].caption_col)
+    return RunConfig(store=store_uri, inputs=inputs, input_kind=kind, until=args.until or "", sections=given)
 
 
 def checked_blocklist(blocklist: str) -> str:
@@ -94,36 +95,31 @@ def checked_blocklist(blocklist: str) -> str:
 
 
 def cmd_run(args) -> int:
-    from clipfleet.producer import run as runlib
+    from clipfleet.producer import follow, register
+    from clipfleet.shared.runstate import RunState
     if args.detach and not args.broker:
         raise RunError("--detach needs --broker: an embedded broker stops when this command exits")
     if args.broker:
         check_broker(args.broker)
-    store = runlib.check_store(args.store)
+    store = register.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
-    if args.until and args.until not in built_stages():  # asked for by name: say so, do not stop short
-        raise RunError(f"the {args.until} stage is not built yet; built: {', '.join(built_stages())} "
-                       f"(use --until {built_stages()[-1]})")
-    stages = runlib.stages_of(cfg, set(built_stages()))
-    if STAGES.index(cfg.until) >= STAGES.index("tag"):  # a head that cannot tag this run's embeddings fails here, before run.json
+    stages = cfg.stages
+    if "tag" in stages:  # a head that cannot tag this run's embeddings fails here, before run.json
         from clipfleet.workers.tag.plan import prepare
         prepare(cfg)
-    if not stages:
-        raise RunError(f"this fleet has no {cfg.input_kind} entry stage yet")
-    if stages[-1] != cfg.until:
-        log.warning("stages after %s are not built yet; this run stops there", stages[-1])
-    runlib.register(store, cfg)
-    first = runlib.first_tasks(store, cfg)
+    register.register(store, cfg)
+    first = register.first_tasks(store, cfg)
     if not first:
         print(f"clipfleet: the input is empty: {', '.join(cfg.inputs)} holds no rows", file=sys.stderr)
         return 1
-    for stage, shard in runlib.replay_deadletters(store, stages):
+    for stage, shard in register.replay_deadletters(store, stages):
         print(f"replaying dead-lettered {stage} shard {shard}")
-    state = runlib.progress(store, stages, first)
-    if all(p.expected <= p.done for p in state):  # a rerun of a finished run: no fleet needed
+    run = RunState(store, cfg, first={shard_name(t.shard) for t in first})
+    states = run.all()
+    if all(s.expected <= s.done for s in states):  # a rerun of a finished run: no fleet needed
         print(f"nothing to do: all {len(first)} {first[0].stage} tasks already done")
-        print(runlib.summary(state))
-        lines, problems = runlib.produced(store, state)
+        lines, problems = follow.produced(store, states)
+        print(follow.summary(states))
         print("\n".join(lines))
         return 1 if problems else 0
     fleet = None
@@ -134,10 +130,10 @@ def cmd_run(args) -> int:
             logs = state_dir(store.uri) / "logs"
             logs.mkdir(exist_ok=True)
             log.info("starting an embedded fleet for %s (logs in %s)", ", ".join(stages), logs)
-            fleet = start_fleet([QUEUES[s] for s in stages], store_key=store.uri, flower=False,
+            fleet = start_fleet([REGISTRY[s].queue for s in stages], store_key=store.uri, flower=False,
                                 log_dir=logs)
             broker = fleet.broker
-        return runlib.run_with_fleet(cfg, store, stages, first, broker, fleet=fleet, detach=args.detach)
+        return follow.run_with_fleet(run, first, broker, fleet=fleet, detach=args.detach)
     finally:
         if fleet is not None:
             fleet.stop()
@@ -215,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a fleet on this machine: Redis, one worker per queue, Flower")
     up.add_argument("--store", help="store URI the fleet will write to; checked for writes at start")
     up.add_argument("--broker", help="Redis URL of an existing broker (default: start an embedded one)")
-    up.add_argument("--queues", default="all", help=f"all, or a comma list of: {', '.join(QUEUES.values())}")
+    up.add_argument("--queues", default="all", help=f"all, or a comma list of: {', '.join(REGISTRY.queue_names())}")
     up.add_argument("--flower-port", type=int, help="port for Flower (default: a free one)")
     up.add_argument("--concurrency", type=int, help="processes per worker (default: cores for CPU queues, 1 for model queues)")
     up.set_defaults(func=cmd_up)
 
     wk = sub.add_parser("worker", help="start one worker for a fleet node")
-    wk.add_argument("--queues", required=True, help=f"comma list of: {', '.join(QUEUES.values())}")
+    wk.add_argument("--queues", required=True, help=f"comma list of: {', '.join(REGISTRY.queue_names())}")
     wk.add_argument("--concurrency", type=int, help="processes (default: cores for CPU queues, 1 for model queues)")
     wk.add_argument("--broker", help="Redis URL (default: $CLIPFLEET_BROKER)")
     wk.set_defaults(func=cmd_worker)
@@ -236,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--store", required=True, help="where the run writes: a directory or s3://bucket/prefix")
     rn.add_argument("--broker", help="Redis URL of a running fleet (default: start an embedded fleet for this run)")
     rn.add_argument("--detach", action="store_true", help="enqueue and exit (needs --broker); follow with `clipfleet status`")
-    rn.add_argument("--until", choices=STAGES, help="stop after this stage (default: index, or the last stage "
-                                                    "built so far); a stage not built yet is an error")
-    for name, cls in SECTIONS.items():
-        add_flags(rn, cls, TITLES[name])
+    rn.add_argument("--until", choices=REGISTRY.names(),
+                    help=f"stop after this stage (default: {REGISTRY.names()[-1]}, the last)")
+    for name, cls in sections().items():
+        add_flags(rn, cls, titles()[name])
     rn.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="what a run has done: shards per stage, counts, failures")

@@ -11,7 +11,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from clipfleet.producer.run import RunError
+from clipfleet.producer.register import RunError
 from clipfleet.sandbox.server import SandboxServer, read_settings
 from clipfleet.sandbox.web import DEFAULT_PORT, make_sandbox
 

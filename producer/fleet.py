@@ -19,13 +19,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipfleet.shared.pipeline import QUEUES
+from clipfleet.shared.stages import REGISTRY
+from clipfleet.workers import registry as _stages  # noqa: F401  (fills REGISTRY)
 
 log = logging.getLogger("clipfleet.fleet")
 
-# Pool and concurrency per queue (DESIGN.md): CPU queues use every core, model and index
-# queues run one process so a model or an index is loaded once.
-SINGLE_PROCESS_QUEUES = {"gpu-clip", "gpu-embed", "index-merge"}
+
+def single_process(queue: str) -> bool:
+    """Pool and concurrency per queue (DESIGN.md): CPU queues use every core; a queue whose stages
+    hold a model or an index (their spec says so) runs one process, so it is loaded once."""
+    return any(spec.single_process for spec in REGISTRY if spec.queue == queue)
 
 
 class FleetError(RuntimeError):
@@ -41,13 +44,13 @@ def free_port() -> int:
 def parse_queues(spec: str) -> list[str]:
     """`all` or a comma-separated list of known queue names, in pipeline order."""
     if spec.strip() == "all":
-        return list(QUEUES.values())
+        return REGISTRY.queue_names()
     names = [q.strip() for q in spec.split(",") if q.strip()]
-    unknown = [q for q in names if q not in QUEUES.values()]
+    unknown = [q for q in names if q not in REGISTRY.queue_names()]
     if unknown or not names:
         raise FleetError(f"unknown queue {', '.join(unknown) or '(none given)'}; "
-                         f"queues are: {', '.join(QUEUES.values())} or all")
-    return [q for q in QUEUES.values() if q in names]
+                         f"queues are: {', '.join(REGISTRY.queue_names())} or all")
+    return [q for q in REGISTRY.queue_names() if q in names]
 
 
 def check_broker(url: str, timeout: float = 3.0) -> None:
@@ -209,7 +212,7 @@ def worker_env(broker: str) -> dict:
 def worker_argv(queues: list[str], broker: str, concurrency: int | None = None) -> list[str]:
     from clipfleet.workers.app import time_limits
     time_limits()  # refuse misordered limits here, with one line, not in a worker's traceback
-    single = all(q in SINGLE_PROCESS_QUEUES for q in queues)
+    single = all(single_process(q) for q in queues)
     concurrency = concurrency or (1 if single else os.cpu_count() or 1)
     node = f"{'+'.join(queues)}-{secrets.token_hex(3)}@{socket.gethostname()}"
     # The broker URL (it may hold a password) reaches the worker as CLIPFLEET_BROKER, not argv.

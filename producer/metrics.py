@@ -19,7 +19,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 
-from clipfleet.shared.pipeline import QUEUES
+from clipfleet.shared.stages import REGISTRY
+from clipfleet.workers import registry as _stages  # noqa: F401  (fills REGISTRY)
 
 log = logging.getLogger("clipfleet.metrics")
 
@@ -36,10 +37,10 @@ def queue_counts(client) -> dict[str, tuple[int, int]]:
             continue  # not a kombu record: not ours to count
         reserved[routing_key] += 1
     pipe = client.pipeline()
-    for queue in QUEUES.values():
+    for queue in REGISTRY.queue_names():
         pipe.llen(queue)
     waiting = pipe.execute()
-    return {q: (int(w), reserved[q]) for q, w in zip(QUEUES.values(), waiting)}
+    return {q: (int(w), reserved[q]) for q, w in zip(REGISTRY.queue_names(), waiting)}
 
 
 class QueueMetrics:

@@ -18,17 +18,14 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipfleet.producer import counts
 from clipfleet.shared import layout
-from clipfleet.shared.pipeline import STAGES
-from clipfleet.shared.runconfig import RUN_FILE, RunConfig
+from clipfleet.shared.layout import RUN_FILE
+from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.runstate import RunState, StageState
+from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store
 
-# Samples in and out for stages producer/counts.py does not map (their own stat names).
-EXTRA_SAMPLE_KEYS = {"clip": ("samples", "kept"), "embed": ("vectors", "vectors"), "tag": ("tagged", "published"),
-                     "index": ("vectors", "vectors")}
 INDEX_INFOS = {"image": f"{layout.INDEX}/infos.json", "text": f"{layout.INDEX}/text/infos.json"}
-NOT_DROPS = {"politeness", "judged_by"}  # groups of counts that are no reason a sample was lost
 # What LAION-5B reported (blog and paper), shown beside the run's numbers.
 LAION_LANGUAGES = {"en": 2.32e9, "other": 2.26e9, "none": 1.27e9}
 LAION_FACTS = [
@@ -48,52 +45,41 @@ class StageView:
     name: str
     markers: list[dict]
     dead: list[dict]
-    totals: dict = field(default_factory=dict)
-    samples_in: int | None = None
-    samples_out: int | None = None
+    state: StageState
+
+    @property
+    def totals(self) -> dict:
+        return self.state.totals()
+
+    @property
+    def samples_in(self) -> int | None:
+        return self.state.samples_in if self.markers else None
+
+    @property
+    def samples_out(self) -> int | None:
+        return self.state.samples_out if self.markers else None
 
     @property
     def drops(self) -> list[tuple[str, int]]:
-        total = {k: v for k, v in self.totals.items() if k not in NOT_DROPS}
-        return counts.drop_reasons(total, top=12)
+        return self.state.drop_reasons(top=12)
 
     def work_s(self) -> float:
         return sum(m.get("duration_s") or 0 for m in self.markers)
 
     def span_s(self) -> float:
-        spans = [(m["started_at"], m["finished_at"]) for m in self.markers
-                 if m.get("started_at") and m.get("finished_at")]
-        return max(f for _, f in spans) - min(s for s, _ in spans) if spans else 0.0
+        return self.state.wall_s()
 
 
-def sample_counts(stage: str, stats: dict) -> tuple[int | None, int | None]:
-    n_in, n_out = counts.samples_in(stage, stats), counts.samples_out(stage, stats)
-    if n_in is None and stage in EXTRA_SAMPLE_KEYS:
-        key_in, key_out = EXTRA_SAMPLE_KEYS[stage]
-        n_in, n_out = stats.get(key_in), stats.get(key_out)
-    return n_in, n_out
-
-
-def read_stages(store: Store, threads: int = 16) -> dict[str, StageView]:
+def read_stages(store: Store) -> dict[str, StageView]:
+    """Every registered stage's view (empty for those the run does not pass through)."""
+    run = RunState(store)
+    states = {s.stage: s for s in run.all()}
     views = {}
-    with ThreadPoolExecutor(threads) as pool:  # one small read per marker: S3 wants them in parallel
-        for stage in STAGES:
-            names = sorted(store.done(stage))
-            markers = [m for m in pool.map(lambda n, s=stage: _read_marker(store, s, n), names) if m]
-            view = StageView(stage, markers, store.deadletters(stage), counts.totals(markers))
-            pairs = [sample_counts(stage, m.get("stats") or {}) for m in markers]
-            if pairs and any(p[0] is not None for p in pairs):
-                view.samples_in = sum(p[0] or 0 for p in pairs)
-                view.samples_out = sum(p[1] or 0 for p in pairs) if any(p[1] is not None for p in pairs) else None
-            views[stage] = view
+    for name in REGISTRY.names():
+        state = states.get(name) or StageState(name, set(), set(), set(), True)
+        markers = [run.marker(name, n) for n in sorted(state.done)]
+        views[name] = StageView(name, [m for m in markers if m], store.deadletters(name), state)
     return views
-
-
-def _read_marker(store: Store, stage: str, name: str) -> dict | None:
-    try:
-        return store.read_json(f"_markers/{stage}/{name}.json")
-    except (FileNotFoundError, ValueError):  # removed or half-visible meanwhile: the next report has it
-        return None
 
 
 def spread(shards: list[int], n: int) -> list[int]:
@@ -120,10 +106,6 @@ def _table(store: Store, rel: str, columns: list[str] | None = None, problems: l
     if columns:
         table = table.select([c for c in columns if c in table.column_names])
     return table
-
-
-def language_bucket(language) -> str:
-    return "en" if language == "en" else ("none" if not language else "other")
 
 
 IMAGE_COLUMNS = ["key", "status", "url", "caption", "language", "width", "height", "original_width",

@@ -12,9 +12,9 @@ from collections import Counter
 import numpy as np
 
 from clipfleet.producer import report_plots as plots
-from clipfleet.producer.report import (INDEX_INFOS, LAION_FACTS, LAION_LANGUAGES, Samples, language_bucket,
-                                       pick_grid, sample_counts, thumbnails)
-from clipfleet.shared.pipeline import STAGES
+from clipfleet.producer.report import INDEX_INFOS, LAION_FACTS, LAION_LANGUAGES, Samples, pick_grid, thumbnails
+from clipfleet.shared.language import language_bucket
+from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
 
@@ -61,7 +61,7 @@ class Page:
         self.add(f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
 
     def header(self, cfg: RunConfig, views, samples: Samples) -> None:
-        last = next((s for s in reversed(STAGES) if views[s].markers), None)
+        last = next((s for s in reversed(REGISTRY.names()) if views[s].markers), None)
         until = cfg.until
         state = "finished" if last == until and not views[until].dead else "running or stopped early"
         self.add(f"<h1>{_e(self.title)}</h1>")
@@ -194,7 +194,7 @@ class Page:
             return
         origin, series = min(starts), {}
         for stage, view in views.items():
-            done = sorted((m["finished_at"], sample_counts(stage, m.get("stats") or {})[0] or 0)
+            done = sorted((m["finished_at"], m.get("samples_in") or 0)
                           for m in view.markers if m.get("finished_at"))
             if done:
                 series[stage] = (np.array([(f - origin) / 60 for f, _ in done]), np.cumsum([n for _, n in done]))

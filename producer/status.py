@@ -2,7 +2,7 @@
 samples and samples/s, and every count the markers hold (nested groups included).
 
 With a broker (`--broker` or $CLIPFLEET_BROKER) it also looks at what the fleet holds, and
-recovers shards nobody holds (producer/recovery.py), as a following `clipfleet run` would:
+recovers shards nobody holds (shared/recovery.py), as a following `clipfleet run` would:
 that is how a `--detach`ed run is looked after.
 """
 from __future__ import annotations
@@ -11,41 +11,28 @@ import json
 import os
 import time
 
-from clipfleet.producer import counts
-from clipfleet.producer.run import FirstTask, ProgressCache, progress, stages_of
-from clipfleet.shared.pipeline import STAGES, built_stages
-from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.layout import RUN_FILE
+from clipfleet.shared.recovery import recovered_counts
+from clipfleet.shared.runstate import RunState
 from clipfleet.shared.storage import Store
 
 
-def first_from_store(store: Store, cfg: RunConfig) -> list[FirstTask]:
-    """The run's first tasks, from what is in the store (status writes nothing)."""
-    if cfg.input_kind == "wat":
-        return [FirstTask("extract", i, {"wat": uri}) for i, uri in enumerate(cfg.inputs)]
-    return [FirstTask("download", int(n[:-8]), {}) for n in store.list("urls") if n.endswith(".parquet")]
-
-
 def collect(store: Store, broker: str | None = None, recover: bool = True) -> dict:
-    cfg = RunConfig.load(store)
-    first = first_from_store(store, cfg)
-    stages = stages_of(cfg, set(STAGES))  # every stage of the run, built here or not
-    state = progress(store, stages, first, ProgressCache())
+    run = RunState(store)
+    cfg = run.cfg
+    state = run.all()
     info = {"store": store.uri, "until": cfg.until, "input_kind": cfg.input_kind,
             "inputs": len(cfg.inputs), "broker": None, "stages": {}}
     holdings, sweeper = {}, None
     if broker:
-        holdings, sweeper = _look_at_broker(store, state, first, broker, recover)
+        holdings, sweeper = _look_at_broker(run, state, broker, recover)
         info["broker"] = {"url": _redacted(broker), "recover": recover}
     for p in state:
-        markers = [store.marker(p.stage, n) or {} for n in sorted(p.done)]
         dead = store.deadletters(p.stage)
-        recovered = counts_recovered(store, p.stage)
+        recovered = recovered_counts(store, p.stage)
         h = holdings.get(p.stage)
-        spans = [(m.get("started_at"), m.get("finished_at")) for m in markers
-                 if m.get("started_at") and m.get("finished_at")]
-        wall = max(f for _, f in spans) - min(s for s, _ in spans) if spans else 0.0
+        wall = p.wall_s()
         entry = {
-            "built": p.stage in built_stages(),
             "expected": len(p.expected), "done": len(p.done), "failed": len(p.failed),
             "dead": len(dead),
             "in_flight": None if h is None else len(h.in_flight),
@@ -57,19 +44,14 @@ def collect(store: Store, broker: str | None = None, recover: bool = True) -> di
             # reported by running shards whose stage calls stats.advance
             "samples_running": None if h is None else sum(v for k, v in h.progress.items() if k in h.in_flight),
             "samples_per_s": round(p.samples_done / wall, 1) if wall > 0 else None,
-            "duration_s": round(sum(m.get("duration_s", 0) for m in markers), 1),
-            "totals": counts.totals(markers),
+            "duration_s": round(sum(r.duration_s for r in p.records.values()), 1),
+            "totals": p.totals(),
             "failures": [{"shard": d["shard"], "error": d.get("error")} for d in dead],
         }
         if h is not None:
             entry["in_flight_shards"] = sorted(h.in_flight)
         info["stages"][p.stage] = entry
     return info
-
-
-def counts_recovered(store: Store, stage: str) -> dict[str, int]:
-    from clipfleet.producer.recovery import recovered_counts
-    return recovered_counts(store, stage)
 
 
 def _redacted(url: str) -> str:
@@ -80,23 +62,19 @@ def _redacted(url: str) -> str:
     return url
 
 
-def _look_at_broker(store: Store, state, first, broker: str, recover: bool):
+def _look_at_broker(run: RunState, state, broker: str, recover: bool):
     """(holdings per stage, sweeper). With `recover`, shards unheld now are looked at again
     after the suspect time, and sent again if still nobody holds them."""
     import redis
-    from clipfleet.producer.recovery import Sweeper
-    from clipfleet.producer.run import _done, _pending
     from clipfleet.shared import leases
+    from clipfleet.shared.recovery import Sweeper, done, pending
     from clipfleet.workers.app import make_app
     app, client = make_app(broker), redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
-    kwargs = {(t.stage, t.shard): t.kwargs for t in first}
-    sweeper = Sweeper(app, client, store, task_kwargs=lambda stage, shard: kwargs.get((stage, shard), {}))
-    built = set(built_stages())  # nobody serves the queue of a stage not built: nothing to send
-    pending = {stage: shards for stage, shards in _pending(state, first, None).items() if stage in built}
-    holdings = sweeper.sweep(pending, _done(state))
+    sweeper = Sweeper(app, client, run.store, task_kwargs=run.task_kwargs)
+    holdings = sweeper.sweep(pending(state), done(state))
     if recover and any(h.unheld for h in holdings.values()):
         time.sleep(leases.suspect_s() + 0.5)
-        holdings = sweeper.sweep(pending, _done(state))
+        holdings = sweeper.sweep(pending(state), done(state))
     elif not recover:
         sweeper.suspects.clear()
     return holdings, sweeper
@@ -104,7 +82,7 @@ def _look_at_broker(store: Store, state, first, broker: str, recover: bool):
 
 def run_status(store_uri: str, as_json: bool = False, broker: str | None = None, recover: bool = True) -> int:
     store = Store(store_uri)
-    if not store.exists("run.json"):
+    if not store.exists(RUN_FILE):
         print(f"clipfleet: error: {store_uri} holds no run (no run.json)")
         return 2
     broker = broker or os.environ.get("CLIPFLEET_BROKER")
@@ -119,8 +97,6 @@ def run_status(store_uri: str, as_json: bool = False, broker: str | None = None,
         held = ("" if s["in_flight"] is None else f", {s['in_flight']} in flight, {s['queued']} queued")
         line = (f"{stage:>9}: {s['done']}/{s['expected']} shards done{held}, {s['recovered']} recovered, "
                 f"{s['dead']} dead")
-        if not s["built"]:
-            line += " (stage not built in this fleet)"
         print(line)
         samples = f"{s['samples_done']}" + (f"/{s['samples_expected']}" if s["samples_expected"] is not None else "")
         rate = f", {s['samples_per_s']} samples/s" if s["samples_per_s"] else ""

@@ -45,12 +45,12 @@ class Encoder:
 
     def image_bytes(self, data: bytes) -> np.ndarray:
         from PIL import Image
-        from clipfleet.workers.download.resize import ImageRejected, check_size, sniff
+        from clipfleet.workers import download
         try:
-            picture = sniff(data)
-            check_size(picture.width, picture.height, self._download_options())
+            picture = download.sniff(data)
+            download.check_size(picture.width, picture.height, self._download_options())
             picture = picture.convert("RGB")
-        except ImageRejected as exc:
+        except download.ImageRejected as exc:
             raise QueryError(f"image: {exc}") from None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise QueryError(f"image: decode error: {exc}") from None
@@ -70,10 +70,10 @@ class Encoder:
         return self.image_bytes(data)
 
     def image_url(self, url: str) -> np.ndarray:
-        from clipfleet.workers.download.fetch import FetchFailed
+        from clipfleet.workers import download
         try:
             data = self.fetcher().fetch(url)
-        except FetchFailed as exc:
+        except download.FetchFailed as exc:
             raise QueryError(f"image_url: {exc}") from None
         return self.image_bytes(data)
 
@@ -87,6 +87,6 @@ class Encoder:
     def fetcher(self):
         with self._lock:
             if self._fetcher is None:
-                from clipfleet.workers.download.fetch import Fetcher
-                self._fetcher = Fetcher(self._download_options())
+                from clipfleet.workers import download
+                self._fetcher = download.Fetcher(self._download_options())
             return self._fetcher

@@ -12,7 +12,7 @@ class IndexMissing(LookupError):
 
 def open_index(store: Store, modality: str):
     """The serving index of `modality` ("image" or "text"); IndexMissing when the run has none."""
-    from clipfleet.workers.index.serving import IndexNotBuilt, ServingIndex
+    from clipfleet.shared.serving import IndexNotBuilt, ServingIndex
     try:
         return ServingIndex.open(store, modality=modality)
     except IndexNotBuilt as exc:

@@ -110,5 +110,6 @@ class LanguageTagger:
         return known
 
 
-def language_bucket(code: str) -> str:
-    return "en" if code == "en" else ("none" if code == "" else "other")
+def language_bucket(code: str | None) -> str:
+    """LAION's three buckets: English, another language, no language detected ("" or None)."""
+    return "en" if code == "en" else ("none" if not code else "other")

@@ -117,3 +117,19 @@ def global_id(shard: int, row: int) -> int:
 
 def split_id(gid: int) -> tuple[int, int]:
     return int(gid) >> ROW_BITS, int(gid) & ((1 << ROW_BITS) - 1)
+
+
+# -- completion markers: _markers/{stage}/{shard}.json, written by shared/pipeline.execute ---------
+# Every reader (run state, status, report, counts) reads these fields, never a stage's own stat names.
+MARKER_FIELDS = {
+    "stage": "the stage (or run-once task) that wrote it",
+    "shard": "the shard id (or run-once key)",
+    "outputs": "store-relative files it published",
+    "samples_in": "samples the shard brought into the stage (null: the stage does not count samples)",
+    "samples_out": "samples it kept and handed on (null: as above)",
+    "dropped": "names of the `stats` entries that count dropped samples (a group's name: all its reasons)",
+    "stats": "every count and value the stage recorded; nested dicts are groups of counts",
+    "started_at": "epoch seconds", "finished_at": "epoch seconds", "duration_s": "seconds of work",
+    "next_shards": "the next stage's shards this one made (usually [shard])",
+    "host": "the machine that ran it",
+}

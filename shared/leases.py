@@ -3,7 +3,7 @@
 Celery on Redis hands a dead worker's unacked tasks back only after the visibility timeout
 (an hour by default), and some failures ack a task whose shard never finished. So every worker
 keeps a lease per shard it holds (reserved, waiting for its ETA, or running), renewed by a
-heartbeat thread in the worker's main process; a sweeper (producer/recovery.py) re-sends a
+heartbeat thread in the worker's main process; a sweeper (shared/recovery.py) re-sends a
 shard that is expected, not done, not dead-lettered, not queued and not leased.
 
 Timing (seconds, from the environment so tests can shrink them):

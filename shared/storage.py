@@ -104,8 +104,9 @@ class Store:
         finally:
             os.unlink(tmp.name)
 
-    def write_json(self, rel: str, obj) -> None:
-        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+    def write_json(self, rel: str, obj, strict: bool = False) -> None:
+        """`strict`: refuse NaN and infinities, so the file is standard JSON (jq, browsers)."""
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str, allow_nan=not strict).encode())
 
     def _put(self, local_file: str, rel: str) -> None:
         """Make one file visible all at once under `rel`.

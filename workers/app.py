@@ -18,7 +18,8 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu import Queue
 
 from clipfleet.shared import leases
-from clipfleet.shared.pipeline import QUEUES, TASK_MODULES, TransientError
+from clipfleet.shared.pipeline import TransientError
+from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store, unreachable_errors
 
 log = logging.getLogger("clipfleet.workers")
@@ -47,9 +48,10 @@ def route(name, args, kwargs, options, task=None, **kw):
     if name.startswith("clipfleet.selfcheck."):
         return {"queue": name.rsplit(".", 1)[1]}
     stage = name.removeprefix("clipfleet.")
-    if stage in QUEUES:
-        return {"queue": QUEUES[stage]}
-    return None
+    if stage in REGISTRY:
+        return {"queue": REGISTRY[stage].queue}
+    once = REGISTRY.run_once().get(stage)
+    return {"queue": once[0].queue} if once else None
 
 
 def make_app(broker: str | None = None) -> Celery:
@@ -58,10 +60,10 @@ def make_app(broker: str | None = None) -> Celery:
     # download worker never loads torch and the producer imports no stage at all.
     app = Celery("clipfleet", broker=broker or os.environ.get("CLIPFLEET_BROKER", DEFAULT_BROKER))
     app.conf.update(
-        # Exactly the six queues, declared up front; a typo'd queue is an error, not a new queue.
-        task_queues=[Queue(q, routing_key=q) for q in QUEUES.values()],
+        # Exactly the registry's queues, declared up front; a typo'd queue is an error, not a new queue.
+        task_queues=[Queue(q, routing_key=q) for q in REGISTRY.queue_names()],
         task_create_missing_queues=False,
-        task_default_queue=QUEUES["extract"],
+        task_default_queue=REGISTRY.queue_names()[0],
         task_routes=(route,),
         # Ack after the task finishes, so a task whose worker dies is delivered again.
         task_acks_late=True,
@@ -163,21 +165,23 @@ def retry_publish_s() -> float:
     return float(os.environ.get("CLIPFLEET_RETRY_PUBLISH_S", 60))
 
 
-def task_modules(queues) -> list[str]:
-    """The modules a worker serving `queues` imports (all of them when it serves every queue)."""
-    wanted = set(QUEUES.values()) if not queues else set(queues)
-    return [SELFCHECK_MODULE] + [TASK_MODULES[s] for s, q in QUEUES.items() if q in wanted and s in TASK_MODULES]
+def served_stages(queues) -> list:
+    """The stage specs a worker serving `queues` runs (all of them when it serves every queue)."""
+    wanted = set(REGISTRY.queue_names()) if not queues else set(queues)
+    return [spec for spec in REGISTRY if spec.queue in wanted]
 
 
 @signals.celeryd_init.connect
-def _import_served_stages(sender=None, conf=None, options=None, **kw):
-    # Runs in the worker before it loads task modules: include only the served queues' stages.
+def _register_served_stages(sender=None, conf=None, options=None, **kw):
+    # Runs in the worker before it consumes: register only the served queues' stage tasks, so a
+    # download worker never imports the clip stage (and torch).
+    from clipfleet.workers.tasks import register_tasks
     queues = (options or {}).get("queues") or []
     if isinstance(queues, str):
         queues = queues.split(",")
-    # (Importing here rather than setting conf.include: the loader has read include already.)
-    for module in task_modules([q.strip() for q in queues if q.strip()]):
-        importlib.import_module(module)
+    importlib.import_module(SELFCHECK_MODULE)
+    for spec in served_stages([q.strip() for q in queues if q.strip()]):
+        register_tasks(spec)
 
 
 @functools.lru_cache(maxsize=1)
@@ -227,7 +231,7 @@ _fleet_sweeper_stop = None
 def _fleet_sweeper_loop(holder: str, stop) -> None:
     """Detached runs have no `clipfleet run` sweeping them: one worker of the fleet does."""
     import redis
-    from clipfleet.producer.recovery import FleetSweeper, sweep_s
+    from clipfleet.shared.recovery import FleetSweeper, sweep_s
     sweeper = None
     while not stop.wait(sweep_s()):
         try:

@@ -13,10 +13,10 @@ import sys
 import time
 
 from clipfleet.workers.app import ShardTask, app
-from clipfleet.shared.pipeline import QUEUES
+from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store
 
-HOPS = list(QUEUES.values())
+HOPS = REGISTRY.queue_names()
 HEAVY_MODULES = ("torch", "open_clip", "faiss", "transformers")
 
 

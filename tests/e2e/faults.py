@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 
 from clipfleet.producer.fleet import free_port
 from clipfleet.shared import layout
-from clipfleet.shared.pipeline import QUEUES
+from clipfleet.workers.registry import REGISTRY
+
+QUEUES = REGISTRY.queues()
 from clipfleet.shared.storage import Store, shard_name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,7 +185,7 @@ def index_ids(store: Store) -> np.ndarray:
     """Every id the serving index holds (from the faiss structure itself, not a search)."""
     import faiss
 
-    from clipfleet.workers.index.serving import ServingIndex
+    from clipfleet.shared.serving import ServingIndex
     index = ServingIndex.open(store)._state.index
     if index is None:
         return np.zeros(0, np.int64)
@@ -202,8 +204,7 @@ def index_ids(store: Store) -> np.ndarray:
 def check_published(store: Store) -> dict:
     """Every sample the CLIP filter kept is in dataset/ and in the index exactly once, no key
     twice, no dead letter anywhere. Returns counts for the test to print."""
-    from clipfleet.shared.pipeline import STAGES
-    for stage in [*STAGES, "index-train", "index-merge"]:
+    for stage in [*REGISTRY.names(), "index-train", "index-merge"]:
         assert store.deadletters(stage) == [], f"{stage} has dead letters"
     clip_shards = sorted(store.done("clip"))
     assert clip_shards == sorted(store.done("download")) and clip_shards == sorted(store.done("tag"))

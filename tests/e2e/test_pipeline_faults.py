@@ -24,7 +24,9 @@ import time
 
 import pytest
 
-from clipfleet.shared.pipeline import QUEUES
+from clipfleet.workers.registry import REGISTRY
+
+QUEUES = REGISTRY.queues()
 from clipfleet.shared.storage import Store
 from tests.conftest import make_bucket
 from tests.e2e.faults import CLI, REPO, PausableProxy, Workers, check_published, delivered, stage_times

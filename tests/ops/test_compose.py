@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from clipfleet.producer.cli import build_parser
-from clipfleet.shared.pipeline import QUEUES
+from clipfleet.workers.registry import REGISTRY
+
+QUEUES = REGISTRY.queues()
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"

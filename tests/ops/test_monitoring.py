@@ -11,7 +11,9 @@ import requests
 
 from clipfleet.producer.fleet import Fleet, free_port
 from clipfleet.producer.metrics import QueueMetrics, queue_counts, serve
-from clipfleet.shared.pipeline import QUEUES
+from clipfleet.workers.registry import REGISTRY
+
+QUEUES = REGISTRY.queues()
 from tests.helpers import wait_until
 
 

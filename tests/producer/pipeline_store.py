@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipfleet.shared.pipeline import TASK_MODULES, Stage, execute
+from clipfleet.shared.pipeline import Stage, execute
+from clipfleet.workers.registry import REGISTRY
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
 from tests.conftest import redis_server
@@ -68,14 +69,8 @@ def build_run_store(store_uri: str, world: Path, workdir: Path, stop_after: str 
 
 
 def _real_stage(name: str, cfg: RunConfig) -> Stage:
-    """The stage class registered for `name` (its task module's package), built for `cfg`."""
-    import importlib
-    if name not in TASK_MODULES:
-        raise RuntimeError(f"the {name} stage is not registered in TASK_MODULES")
-    module = importlib.import_module(f"clipfleet.workers.{name}.stage")
-    cls = next(v for v in vars(module).values()
-               if isinstance(v, type) and issubclass(v, Stage) and v is not Stage and v.name == name)
-    return cls(cfg)
+    """The stage class registered for `name`, built for `cfg`."""
+    return REGISTRY[name].stage_class()(cfg)
 
 
 # -- fixtures (tests/producer/conftest.py and tests/e2e import these) -----------------------------

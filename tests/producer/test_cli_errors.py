@@ -118,19 +118,16 @@ def test_argument_errors_are_one_line_with_a_hint(args, hint):
     assert len(result.stderr.splitlines()) == 1
 
 
-def test_until_a_stage_not_built_says_so_and_fails(tmp_path, monkeypatch, capsys):
-    """Stages get built during the project's life, so "not built" is made here: only extract
-    and download are, in this process."""
+def test_until_a_stage_that_does_not_exist_names_the_stages_and_fails(tmp_path, capsys):
+    """Every registered stage is built; --until takes only their names, refused before run.json."""
     from clipfleet.producer import cli
-    from clipfleet.shared import pipeline
-    monkeypatch.setattr(pipeline, "TASK_MODULES", {s: m for s, m in pipeline.TASK_MODULES.items()
-                                                   if s in ("extract", "download")})
     wat = tmp_path / "a.warc.wat.gz"
     wat.write_bytes(b"")
     store = tmp_path / "store"
-    assert cli.main(["run", "--wat", str(wat), "--store", str(store), "--until", "embed"]) == 2
-    err = capsys.readouterr().err
-    assert "the embed stage is not built yet" in err and "use --until download" in err
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run", "--wat", str(wat), "--store", str(store), "--until", "embedd"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'embedd' (did you mean embed?)" in capsys.readouterr().err
     assert not (store / "run.json").exists()  # refused before the run was registered
 
 

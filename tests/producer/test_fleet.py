@@ -13,7 +13,9 @@ import pytest
 import requests
 
 from clipfleet.producer.fleet import Fleet, state_dir
-from clipfleet.shared.pipeline import QUEUES
+from clipfleet.workers.registry import REGISTRY
+
+QUEUES = REGISTRY.queues()
 from clipfleet.shared.storage import Store
 from tests.helpers import wait_until
 from clipfleet.workers.app import make_app

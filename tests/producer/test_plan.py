@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from clipfleet.producer.counts import totals
+from clipfleet.shared.runstate import totals
 from clipfleet.producer.plan import DEFAULTS, Figure, from_bench, make_plan
 from clipfleet.shared import layout
 from clipfleet.shared.storage import Store
@@ -94,7 +94,7 @@ def test_bad_numbers_are_clear_errors():
 def test_figures_from_a_runs_markers(built_run):
     directory, info = built_run
     store = Store(str(directory))
-    download, clip = totals(store.markers("download")), totals(store.markers("clip"))
+    download, clip = totals(m["stats"] for m in store.markers("download")), totals(m["stats"] for m in store.markers("clip"))
     proc = cli("--samples", "1e9", "--days", "7", "--store", str(directory), "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)

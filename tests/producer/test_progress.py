@@ -5,14 +5,18 @@ import re
 import threading
 import time
 
-from clipfleet.producer import run as runlib
+from clipfleet.producer import bars
+from clipfleet.producer.follow import follow
+from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.runstate import RunState
 from clipfleet.shared.storage import Store
 
 
 def test_progress_in_a_log_is_drawn_on_changes_not_every_poll(tmp_path, capsys, monkeypatch):
     store = Store(str(tmp_path / "store"))
-    first = [runlib.FirstTask("download", shard, {}) for shard in range(4)]
-    monkeypatch.setattr(runlib, "LOG_PROGRESS_S", 0.5, raising=False)
+    run = RunState(store, RunConfig.make(store.uri, input_kind="urls", until="download"),
+                   first={f"{shard:05d}" for shard in range(4)})
+    monkeypatch.setattr(bars, "LOG_PROGRESS_S", 0.5)
 
     def finish_shards():
         for shard in range(4):
@@ -20,7 +24,7 @@ def test_progress_in_a_log_is_drawn_on_changes_not_every_poll(tmp_path, capsys, 
             store.commit("download", shard, {}, {"stats": {}, "next_shards": []})
     worker = threading.Thread(target=finish_shards)
     worker.start()
-    state = runlib.follow(store, ["download"], first, poll_s=0.02)  # ~60 polls
+    state = follow(run, poll_s=0.02)  # ~60 polls
     worker.join()
     assert state[0].done == {f"{s:05d}" for s in range(4)}
     draws = re.findall(r"download: +\d+%.*?(\d)/4", capsys.readouterr().err)
@@ -35,18 +39,18 @@ def test_bars_count_samples_with_the_samples_of_shards_still_running(tmp_path, c
     import pyarrow.parquet as pq
     import redis
 
-    from clipfleet.producer.recovery import Sweeper
+    from clipfleet.shared.recovery import Sweeper
     from clipfleet.shared import leases
     from clipfleet.workers.app import make_app
 
-    monkeypatch.setattr(runlib, "LOG_PROGRESS_S", 0.0, raising=False)
+    monkeypatch.setattr(bars, "LOG_PROGRESS_S", 0.0)
     monkeypatch.setenv("CLIPFLEET_SWEEP_S", "0.05")
     store = Store(str(tmp_path / "store"))
     for shard in range(2):
         buf = io.BytesIO()
         pq.write_table(pa.table({"url": [f"http://x.test/{i}" for i in range(10)]}), buf)
         store.write_bytes(f"urls/{shard:05d}.parquet", buf.getvalue())
-    first = [runlib.FirstTask("download", shard, {}) for shard in range(2)]
+    run = RunState(store, RunConfig.make(store.uri, input_kind="urls", until="download"))
     client = redis.Redis.from_url(redis_url)
     # Shard 0 runs on a worker and has handled 6 of its 10 samples (what Stats.advance reports).
     leases.Heartbeat(lambda: client, lambda: {(store.uri, "download", 0): "running"}, worker="w").beat()
@@ -56,11 +60,12 @@ def test_bars_count_samples_with_the_samples_of_shards_still_running(tmp_path, c
     def finish_shards():
         time.sleep(0.6)
         for shard in range(2):
-            store.commit("download", shard, {}, {"stats": {"count": 10, "success": 7}, "next_shards": [shard]})
+            store.commit("download", shard, {}, {"stats": {"count": 10, "success": 7}, "samples_in": 10,
+                                                 "samples_out": 7, "next_shards": [shard]})
             time.sleep(0.3)
     worker = threading.Thread(target=finish_shards)
     worker.start()
-    state = runlib.follow(store, ["download"], first, poll_s=0.02, sweeper=sweeper, issued={("download", 0), ("download", 1)})
+    state = follow(run, poll_s=0.02, sweeper=sweeper, issued={("download", 0), ("download", 1)})
     worker.join()
     assert (state[0].samples_expected, state[0].samples_done, state[0].samples_out) == (20, 20, 14)
     err = capsys.readouterr().err

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from clipfleet.producer.counts import totals
+from clipfleet.shared.runstate import totals
 from clipfleet.producer.report import build_report
 from clipfleet.shared import layout
 from clipfleet.shared.storage import Store, marker_path
@@ -110,14 +110,14 @@ def test_report_numbers_are_the_runs(built_run):
     store = Store(str(directory))
     page = Parsed(build_report(store))
     stages = {row[0]: row for row in page.table("stage")[1:]}
-    extract, download = totals(store.markers("extract")), totals(store.markers("download"))
+    extract, download = totals(m["stats"] for m in store.markers("extract")), totals(m["stats"] for m in store.markers("download"))
     assert number(stages["extract"][3]) == extract["img_links"] and number(stages["extract"][4]) == extract["pairs"]
     assert number(stages["download"][3]) == download["count"] == extract["pairs"]
     assert number(stages["download"][4]) == download["success"]
     judged = clip_rows(store, info["shards"])
     kept = [r for r in judged if r["kept"]]
     assert number(stages["clip"][3]) == len(judged) and number(stages["clip"][4]) == len(kept)
-    assert totals(store.markers("clip"))["kept"] == len(kept)
+    assert totals(m["stats"] for m in store.markers("clip"))["kept"] == len(kept)
     published = sum(pq.read_table(store.path(layout.dataset_shard(s, "parquet"))).num_rows for s in info["shards"])
     assert number(stages["tag"][4]) == published == len(kept)
     assert number(stages["index"][3]) == len(kept)  # every published vector indexed

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipfleet.producer import run as runlib
+from clipfleet.producer import register as runlib
 from clipfleet.producer.fleet import free_port
 from clipfleet.sandbox.server import SandboxServer
 from clipfleet.sandbox.web import make_sandbox

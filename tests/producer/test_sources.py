@@ -10,7 +10,9 @@ import time
 import pytest
 import redis
 
-from clipfleet.producer import run as runlib
+from clipfleet.producer import feed
+from clipfleet.producer.feed import enqueue
+from clipfleet.producer.register import FirstTask
 from clipfleet.producer.sources import crawl_inputs, wat_inputs
 from clipfleet.shared.storage import Store
 
@@ -77,14 +79,14 @@ def test_crawl_inputs_errors(fake_common_crawl, crawl, count, message):
 def test_backpressure_holds_the_queue_at_the_high_water_mark(redis_url, tmp_path, monkeypatch):
     """No worker consumes; the feeder must stop at 3 queued tasks and go on as they leave."""
     from clipfleet.workers.app import make_app
-    monkeypatch.setattr(runlib, "HIGH_WATER", 3)
+    monkeypatch.setattr(feed, "HIGH_WATER", 3)
     client = redis.Redis.from_url(redis_url)
     store = Store(str(tmp_path / "store"))
-    tasks = [runlib.FirstTask("extract", i, {"wat": f"/w/{i}.wat.gz"}) for i in range(8)]
+    tasks = [FirstTask("extract", i, {"wat": f"/w/{i}.wat.gz"}) for i in range(8)]
     store.commit("extract", 0, {}, {})  # segment 0 is done already: not sent
     sent = []
     feeder = threading.Thread(target=lambda: sent.append(
-        runlib.enqueue(make_app(redis_url), client, store, tasks)), daemon=True)
+        enqueue(make_app(redis_url), client, store, tasks)), daemon=True)
     feeder.start()
     lengths, consumed, peak = [], 0, 0
     deadline = time.monotonic() + 60

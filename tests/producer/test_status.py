@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 
-from clipfleet.producer.recovery import broker_state, recovered_path
+from clipfleet.shared.recovery import broker_state, recovered_path
 from clipfleet.producer.status import collect
 from clipfleet.shared import leases
 from clipfleet.shared.runconfig import RunConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import redis
 
-from clipfleet.producer.recovery import Sweeper, broker_state
+from clipfleet.shared.recovery import Sweeper, broker_state
 from clipfleet.shared import leases
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from clipfleet.shared.pipeline import QUEUES
+from clipfleet.workers.registry import REGISTRY
+
+QUEUES = REGISTRY.queues()
 from clipfleet.workers import app as app_module
 from clipfleet.workers.app import make_app, route, time_limits
 

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 
 from clipfleet.shared import layout
 from clipfleet.shared.models.runtime import choose_device, encoder, split_threads
-from clipfleet.shared.pipeline import STAGES, Stage, StageOutput, Stats
+from clipfleet.shared.pipeline import Stage, StageOutput, Stats
+from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store
 from clipfleet.workers.clip.batches import decode_pool, prepared_batches, preprocessor
 from clipfleet.workers.clip.reader import Sample, downloaded_samples, read_rows
@@ -65,7 +66,7 @@ class ClipStage(Stage):
 
     def reuse_for_embed(self) -> bool:
         """Whether the embed stage will run with a model and settings this stage already ran."""
-        if STAGES.index(self.run_config.until) < STAGES.index("embed"):
+        if "embed" not in self.run_config.stages:
             return False
         e, c = self.run_config.embed, self.options
         return (e.embed_device, e.embed_precision, e.embed_threads) == (c.clip_device, c.clip_precision,
@@ -119,7 +120,7 @@ class ClipStage(Stage):
 
         for key, reason in dropped:
             judged[key] = (None, False, None)
-            stats.add(reason, under="dropped")
+            stats.drop(reason, under="dropped")
         files = {layout.clip_shard(shard): self._write_table(out, judged)}
         if embed_model is not None and cache["keys"]:
             files[layout.clip_embeddings(shard)] = self._write_cache(out, cache, embed_model)
@@ -127,9 +128,11 @@ class ClipStage(Stage):
         kept = sum(1 for _, k, _ in judged.values() if k)
         stats.add("samples", len(judged))
         stats.add("kept", kept)
+        stats.samples_in(len(judged))
+        stats.kept(kept)
         below = sum(1 for s, k, _ in judged.values() if s is not None and not k)
         if below:
-            stats.add(BELOW, below, under="dropped")
+            stats.drop(BELOW, below, under="dropped")
         for _, _, model in judged.values():
             if model is not None:
                 stats.add(model, under="judged_by")

@@ -1,7 +1,6 @@
 """Options of the download stage, with img2dataset's names where it has one."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from clipfleet.shared.options import option, validate
@@ -25,7 +24,9 @@ class DownloadOptions:
     encode_format: str = option("jpg", "format of the stored images", choices=ENCODE_FORMATS)
     encode_quality: int = option(95, "jpg/webp quality (0-100), png compression (0-9)")
     min_image_size: int = option(0, "drop images whose smaller side is under this", check=_not_negative)
-    max_aspect_ratio: float = option(math.inf, "drop images longer than this ratio", check=_positive)
+    # None, not infinity: run.json stays standard JSON (jq and browsers refuse Infinity).
+    max_aspect_ratio: float | None = option(None, "drop images longer than this ratio (default: no limit)",
+                                            check=lambda v: None if v is None else _positive(v))
     resize_only_if_bigger: bool = option(False, "leave an image that already fits as it is: no enlarging, "
                                                 "padding or cropping")
     skip_reencode: bool = option(False, "store the downloaded bytes of an image that is not resized and "

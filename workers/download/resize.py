@@ -65,7 +65,7 @@ def check_size(width: int, height: int, opts: DownloadOptions) -> None:
         raise ImageRejected(f"too many pixels: {width}x{height} is over {opts.max_image_pixels}")
     if min(width, height) < max(opts.min_image_size, 1):
         raise ImageRejected("image too small")
-    if max(width, height) / min(width, height) > opts.max_aspect_ratio:
+    if opts.max_aspect_ratio is not None and max(width, height) / min(width, height) > opts.max_aspect_ratio:
         raise ImageRejected("aspect ratio too large")
 
 

@@ -205,15 +205,20 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
         if fetcher.limiter is not None:
             fetcher.limiter.flush()
     ended = time.time()
-    stats = {"count": len(rows), "successes": counts["success"],
-             "failed_to_download": counts["failed_to_download"],
-             "failed_to_resize": counts["failed_to_resize"],
-             "duration": ended - started, "start_time": started, "end_time": ended,
-             "refused": dict(sorted(refused.items()))}
-    files = writer.close(stats)
-    stats_out.update({"count": len(rows), "success": counts["success"],
-                      "failed_to_download": counts["failed_to_download"],
-                      "failed_to_resize": counts["failed_to_resize"], "refused": dict(sorted(refused.items()))})
+    stats_out.samples_in(len(rows))
+    stats_out.kept(counts["success"])
+    stats_out.add("count", len(rows))
+    stats_out.add("success", counts["success"])
+    for reason in ("failed_to_download", "failed_to_resize"):
+        stats_out.drop(reason, counts[reason])
+    for reason, n in sorted(refused.items()):
+        stats_out.drop(reason, n, under="refused")
+    # img2dataset's _stats.json says "successes" where its status_dict says "success"
+    summary = {"count": len(rows), "successes": counts["success"],
+               "failed_to_download": counts["failed_to_download"], "failed_to_resize": counts["failed_to_resize"],
+               "refused": dict(sorted(refused.items())), "duration": ended - started,
+               "start_time": started, "end_time": ended}
+    files = writer.close(summary)
     return StageOutput(files=files)
 
 

@@ -106,6 +106,8 @@ class EmbedStage(Stage):
 
         elapsed = time.perf_counter() - started
         stats.add("vectors", len(kept))
+        stats.samples_in(len(kept))
+        stats.kept(len(kept))
         stats.add("encoded", encoded)
         stats.add("reused_from_clip", reused)
         stats.put("dim", enc.dim)

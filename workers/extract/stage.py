@@ -103,5 +103,9 @@ class ExtractStage(Stage):
                 stats[f"drop_duplicate_{where}"] += n
         stats["pairs"] = sum(stats[f"lang_{b}"] for b in ("en", "other", "none"))
         stats["url_shards"] = len(writer.shards)
-        counts.update(dict(stats))
+        counts.samples_in(stats["img_links"])
+        counts.kept(stats["pairs"])
+        for name, n in sorted(stats.items()):
+            # the rules count into a Counter for speed; their drop reasons are the drop_* names
+            (counts.drop if name.startswith("drop_") else counts.add)(name, n)
         return StageOutput(files=writer.files, next_shards=writer.shards)

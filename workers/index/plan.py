@@ -5,14 +5,13 @@ so the index tasks decide what is due and the producer can tell when the index i
 - a shard is *ready* to merge when its index marker says it was added, or, for a shard marked
   while the index was untrained, once the train task committed its partial (an index-part marker).
 - settled: every expected index shard is done, all of them are ready, and index/infos.json holds
-  exactly the ready shards that have vectors; `clipfleet run` waits for this (see shared/pipeline.py
-  `run_once_settled`), since the merge is not a shard and no shard marker says it is done.
+  exactly the ready shards that have vectors; `clipfleet run` waits for this (the index spec's
+  `settled`, read by shared/runstate.RunState.settled), since the merge is not a shard.
 """
 from __future__ import annotations
 
 from clipfleet.shared import layout
-from clipfleet.shared.pipeline import shard_state
-from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.runstate import RunState
 from clipfleet.shared.storage import DEADLETTER, Store
 from clipfleet.workers.index import vectors
 
@@ -21,59 +20,38 @@ TRAIN_KEY = "train"
 PART_MARKERS = "index-part"   # partials the train task built for shards that waited for it
 
 
-class _Markers:
-    """Markers never change once written: read each one once per process."""
-
-    def __init__(self):
-        self._cache: dict = {}
-
-    def get(self, store: Store, stage: str, name: str) -> dict | None:
-        key = (store.uri, stage, name)
-        if key not in self._cache:
-            marker = store.marker(stage, name)
-            if marker is None:
-                return None
-            self._cache[key] = marker
-        return self._cache[key]
+def trained(run: RunState) -> dict | None:
+    return run.marker(TRAIN, TRAIN_KEY)
 
 
-_markers = _Markers()
-
-
-def trained(store: Store) -> dict | None:
-    return _markers.get(store, TRAIN, TRAIN_KEY)
-
-
-def embedded_counts(store: Store) -> dict[int, int]:
-    """Shard -> vectors, from the embed stage's markers (its "vectors" count)."""
+def embedded_counts(run: RunState) -> dict[int, int]:
+    """Shard -> vectors, from the embed stage's markers (samples it kept)."""
     out = {}
-    for name in sorted(store.done("embed")):
-        marker = _markers.get(store, "embed", name) or {}
-        n = (marker.get("stats") or {}).get("vectors")
+    for name in sorted(run.done("embed")):
+        n = run.record("embed", name).samples_out
         if n is None:  # an embed marker without the count: the array's header says it
-            n = len(vectors.load(store, int(name)))
+            n = len(vectors.load(run.store, int(name)))
         out[int(name)] = int(n)
     return out
 
 
-def waiting(store: Store, name: str) -> bool:
-    marker = _markers.get(store, "index", name) or {}
-    return bool((marker.get("stats") or {}).get("waiting_for_training"))
+def waiting(run: RunState, name: str) -> bool:
+    return bool((run.record("index", name).stats).get("waiting_for_training"))
 
 
-def indexed_shards(store: Store, done: set[str]) -> tuple[list[int], bool]:
+def indexed_shards(run: RunState, done: set[str]) -> tuple[list[int], bool]:
     """(shards with vectors ready to merge, whether every done shard is ready)."""
     ready, all_ready = [], True
     for name in sorted(done):
-        if waiting(store, name):
-            part = _markers.get(store, PART_MARKERS, name)
+        if waiting(run, name):
+            part = run.marker(PART_MARKERS, name)
             if part is None:
                 # not added yet, unless adding it failed for good (dead-lettered): merged without it
-                all_ready = all_ready and store.exists(f"{DEADLETTER}/{PART_MARKERS}/{name}.json")
+                all_ready = all_ready and run.store.exists(f"{DEADLETTER}/{PART_MARKERS}/{name}.json")
                 continue
             n = part["stats"].get("vectors", 0)
         else:
-            n = ((_markers.get(store, "index", name) or {}).get("stats") or {}).get("vectors", 0)
+            n = run.record("index", name).stats.get("vectors", 0)
         if n:
             ready.append(int(name))
     return ready, all_ready
@@ -86,11 +64,12 @@ def read_infos(store: Store, modality: str = "image") -> dict | None:
         return None
 
 
-def settled(store: Store, cfg: RunConfig | None = None) -> bool:
+def settled(store: Store, run: RunState | None = None) -> bool:
     """Nothing left for the index tasks: every shard indexed and merged into the serving index."""
-    state = shard_state(store, "index", cfg)
+    run = run or RunState(store)
+    state = run.stage("index")
     if not state.complete:
         return False
-    shards, all_ready = indexed_shards(store, state.done)
+    shards, all_ready = indexed_shards(run, state.done)
     infos = read_infos(store)
     return all_ready and infos is not None and sorted(infos.get("shards", [])) == shards

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from clipfleet.shared import layout
-from clipfleet.shared.pipeline import RunOnce, Stage, StageOutput, Stats, shard_state
+from clipfleet.shared.pipeline import RunOnce, Stage, StageOutput, Stats
+from clipfleet.shared.runstate import RunState
 from clipfleet.shared.storage import Store, shard_name
 from clipfleet.workers.index import build, tuning, vectors
 from clipfleet.workers.index.plan import (PART_MARKERS, TRAIN, TRAIN_KEY, embedded_counts, indexed_shards,
@@ -90,11 +91,16 @@ def add_shard(store: Store, shard: int, modality: str, train_marker: dict, out: 
     return len(x), path
 
 
-class IndexStage(Stage):
+class _Index:
+    def state(self, store: Store) -> RunState:
+        return RunState(store, self.run_config)
+
+
+class IndexStage(_Index, Stage):
     name = "index"
 
     def run(self, store: Store, shard: int, out: Path, stats: Stats, **inputs) -> StageOutput:
-        train_marker = trained(store)
+        train_marker = trained(self.state(store))
         files = {}
         for modality in modalities(self.options):
             if train_marker is None:
@@ -102,26 +108,30 @@ class IndexStage(Stage):
                 vectors.as_float32(x, vectors.embeddings_path(shard, modality))
                 if modality == "image":
                     stats.add("vectors", len(x))
+                    stats.samples_in(len(x))
+                    stats.kept(len(x))
                 continue
             n, path = add_shard(store, shard, modality, train_marker, out)
             if modality == "image":
                 stats.add("vectors", n)
+                stats.samples_in(n)
+                stats.kept(n)
             if path is not None:
                 files[layout.index_part(shard, modality)] = path
         stats.add("waiting_for_training" if train_marker is None else "added", 1)
         return StageOutput(files)
 
 
-class TrainIndex(RunOnce):
+class TrainIndex(_Index, RunOnce):
     name = TRAIN
     stage = "index"
 
     def due(self, store: Store) -> str | None:
-        if trained(store) is not None:
+        if trained(self.state(store)) is not None:
             return None
-        if sum(embedded_counts(store).values()) >= self.options.index_train_after:
+        if sum(embedded_counts(self.state(store)).values()) >= self.options.index_train_after:
             return TRAIN_KEY
-        return TRAIN_KEY if shard_state(store, "index", self.run_config).upstream_complete else None
+        return TRAIN_KEY if self.state(store).stage("index").upstream_complete else None
 
     def expected_vectors(self, store: Store, counts: dict[int, int]) -> int:
         """The run's final size, for the key: the option, or vectors per embedded shard times the
@@ -129,14 +139,14 @@ class TrainIndex(RunOnce):
         total = sum(counts.values())
         if self.options.index_expected_vectors:
             return max(self.options.index_expected_vectors, total)
-        state = shard_state(store, "embed", self.run_config)
+        state = self.state(store).stage("embed")
         if state.complete or not state.done:
             return total
         return max(total, round(total / len(state.done) * len(state.expected)))
 
     def run(self, store: Store, key: str, out: Path, stats: Stats, **inputs) -> StageOutput:
         build.threads()
-        counts = {s: n for s, n in embedded_counts(store).items() if n > 0}
+        counts = {s: n for s, n in embedded_counts(self.state(store)).items() if n > 0}
         stats.add("shards", len(counts))
         stats.add("vectors", sum(counts.values()))
         if not counts:  # nothing was embedded: the merge publishes an empty index
@@ -178,9 +188,9 @@ class TrainIndex(RunOnce):
         """Add the shards that were marked while the index was untrained (each commits on its own,
         so a redelivery adds only those still missing)."""
         store = Store(store_uri)
-        marker = trained(store)
+        marker = trained(self.state(store))
         for name in sorted(store.done(IndexStage.name)):
-            if not waiting(store, name) or store.marker(PART_MARKERS, name) is not None:
+            if not waiting(self.state(store), name) or store.marker(PART_MARKERS, name) is not None:
                 continue
             with store.staging() as out:
                 files, n = {}, 0
@@ -197,17 +207,17 @@ class TrainIndex(RunOnce):
                 store.commit(PART_MARKERS, name, files, {"stats": {"vectors": n}})
 
 
-class MergeIndex(RunOnce):
+class MergeIndex(_Index, RunOnce):
     name = "index-merge"
     stage = "index"
 
     def due(self, store: Store) -> str | None:
-        if trained(store) is None:
+        if trained(self.state(store)) is None:
             return None
-        state = shard_state(store, IndexStage.name, self.run_config)
+        state = self.state(store).stage(IndexStage.name)
         if not state.complete:
             return None
-        shards, all_ready = indexed_shards(store, state.done)
+        shards, all_ready = indexed_shards(self.state(store), state.done)
         if not all_ready:
             return None  # the train task is still adding the shards that waited
         infos = read_infos(store)
@@ -218,9 +228,9 @@ class MergeIndex(RunOnce):
 
     def run(self, store: Store, key: str, out: Path, stats: Stats, **inputs) -> StageOutput:
         build.threads()
-        train_marker = trained(store)
-        state = shard_state(store, IndexStage.name, self.run_config)
-        shards, _ = indexed_shards(store, state.done)
+        train_marker = trained(self.state(store))
+        state = self.state(store).stage(IndexStage.name)
+        shards, _ = indexed_shards(self.state(store), state.done)
         previous = read_infos(store)
         generation = (previous or {}).get("generation", 0) + 1
         gen_files, infos_files = {}, {}
@@ -270,7 +280,7 @@ class MergeIndex(RunOnce):
         infos.update(index_file=f"{rel_dir}/{build.INDEX_FILE}",
                      ivfdata_file=f"{rel_dir}/{build.IVF_DATA}" if ivf else None,
                      size_bytes=sum(p.stat().st_size for p in infos["_files"].values()))
-        from clipfleet.workers.index.serving import open_index
+        from clipfleet.shared.serving import open_index
         index = open_index(index_file, ivf)
         infos["vectors"] = int(index.ntotal)
         stats.put(f"{modality}_merge_s", round(time.time() - started, 3))
@@ -327,5 +337,5 @@ class MergeIndex(RunOnce):
                     store.fs.rm(store.path(f"{root}/{name}"), recursive=True)
 
 
-IndexStage.triggers = (TrainIndex, MergeIndex)
-TrainIndex.triggers = (MergeIndex,)
+IndexStage.triggers = (TrainIndex.name, MergeIndex.name)
+TrainIndex.triggers = (MergeIndex.name,)

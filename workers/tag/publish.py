@@ -143,6 +143,7 @@ def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard
         pending += b"\0" * (1024 + (-(size + 1024) % RECORD_SIZE))  # two zero blocks, whole records
         tar.write(pending)
     stats.add("published", len(rows))
+    stats.kept(len(rows))
     stats.add("published_with_image", in_tar)
     return {layout.dataset_shard(shard, "parquet"): parquet_path, layout.dataset_shard(shard, "tar"): tar_path}
 

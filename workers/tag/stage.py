@@ -74,6 +74,7 @@ class TagStage(Stage):
                     columns[column] = self._score_images(head, column, keys, images, stats)
         cpu_s, wall_s = time.process_time() - started_cpu, time.perf_counter() - started
         stats.add("tagged", n)
+        stats.samples_in(n)
         stats.put("tags_per_s_per_core", round(n / max(cpu_s, 1e-6), 1))
         stats.put("tag_seconds", round(wall_s, 4))
         if self.plan.null_columns:

@@ -13,10 +13,10 @@ import redis
 
 from clipfleet.producer.fleet import Fleet, state_dir
 from clipfleet.shared.leases import run_key
-from clipfleet.shared.pipeline import run_once_settled
+from clipfleet.workers.index.plan import settled
 from clipfleet.shared.storage import Store
 from clipfleet.workers.app import make_app
-from clipfleet.workers.index.serving import ServingIndex
+from clipfleet.shared.serving import ServingIndex
 from tests.helpers import wait_until
 from tests.workers.index.conftest import World, add_shard, drive, make_run
 
@@ -88,7 +88,7 @@ def test_worker_killed_in_train_merge_and_add_loses_nothing(tmp_path, isolated_s
         assert not store.exists("index/infos.json") and not store.done("index-merge")
         assert store.done("index-train") == {"train"}
 
-        wait_until(lambda: run_once_settled(store, "index"), 300, "the first merge")
+        wait_until(lambda: settled(store), 300, "the first merge")
         assert store.read_json("index/infos.json")["generation"] == 1
 
         # 3. killed while a late shard is added
@@ -97,7 +97,7 @@ def test_worker_killed_in_train_merge_and_add_loses_nothing(tmp_path, isolated_s
         wait_until(lambda: in_staging(worker_tmp), 300, "shard 4 being added", 0.02)
         kill_and_restart()
         assert store.marker("index", 4) is None and not store.exists("index/parts/00004.index")
-        wait_until(lambda: run_once_settled(store, "index"), 300, "the second merge")
+        wait_until(lambda: settled(store), 300, "the second merge")
     finally:
         fleet.stop(grace=5)
 

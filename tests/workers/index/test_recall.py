@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from clipfleet.workers.index import tuning, vectors
-from clipfleet.workers.index.serving import ServingIndex
+from clipfleet.shared.serving import ServingIndex
 from tests.workers.index.conftest import World, add_shard, drive, make_run
 
 

@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipfleet.shared import layout
-from clipfleet.shared.pipeline import execute, shard_state
+from clipfleet.shared.pipeline import execute
+from clipfleet.shared.runstate import RunState
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.workers.index import vectors
-from clipfleet.workers.index.serving import IndexNotBuilt, ServingIndex
+from clipfleet.shared.serving import IndexNotBuilt, ServingIndex
 from clipfleet.workers.index.stage import IndexStage
 from tests.workers.index.conftest import World, add_shard, drive, make_run, mark, sample_key
 
@@ -61,7 +62,7 @@ def test_shards_before_training_wait_and_the_train_task_adds_them(tmp_path, worl
         add_shard(store, world, s, 600)
     # only shard 0 has arrived at the index stage: below the threshold? no: 1800 embedded >= 1500
     cfg = RunConfig.load(store)
-    store_state = shard_state(store, "index", cfg)
+    store_state = RunState(store, cfg).stage("index")
     assert store_state.expected == {"00000", "00001", "00002"} and store_state.upstream_complete
     ran = drive(store, [0, 1, 2])
     assert ran[:2] == ["index 0", "index-train train"]

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from clipfleet.shared import layout
 from clipfleet.workers.download.blocklist import Blocklist
 from clipfleet.workers.index import vectors
-from clipfleet.workers.index.serving import ServingIndex
+from clipfleet.shared.serving import ServingIndex
 from tests.workers.index.conftest import add_shard, drive, make_run, sample_key
 
 REPO = Path(__file__).resolve().parents[3]

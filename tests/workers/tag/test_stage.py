@@ -12,7 +12,8 @@ import pytest
 
 from clipfleet.shared import layout
 from clipfleet.shared.models.heads import HeadError, roc_auc, spearman
-from clipfleet.shared.pipeline import TASK_MODULES, execute
+from clipfleet.shared.pipeline import execute
+from clipfleet.workers.registry import REGISTRY
 from clipfleet.workers.tag.plan import plan_run, prepare
 from clipfleet.workers.tag.stage import TagStage
 
@@ -136,7 +137,7 @@ def test_a_rerun_does_nothing_and_the_stage_is_registered(store):
     first = tag(store)
     again = execute(TagStage(run_config(store.uri)), store, SHARD)
     assert again["skipped"] and again["stats"] == first["stats"]
-    assert TASK_MODULES["tag"] == "clipfleet.workers.tag.task"
+    assert REGISTRY["tag"].stage_class() is TagStage
 
 
 def test_head_files_named_relative_to_here_are_recorded_absolute(tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from clipfleet.shared import leases
-from clipfleet.shared.pipeline import QUEUES, task_name
+from clipfleet.shared.runstate import RunState, StageState
+from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store, shard_name
 
 log = logging.getLogger("clipfleet.recovery")
@@ -82,7 +83,7 @@ def broker_state(client, store_uri: str, stages: list[str]) -> BrokerState:
     """Messages of this run waiting in the stages' queues, and deliveries not yet acked."""
     state = BrokerState()
     wanted = set(stages)
-    for queue in {QUEUES[s] for s in stages}:
+    for queue in {REGISTRY[s].queue for s in stages}:
         for pri in PRIORITY_STEPS:
             name = queue if not pri else f"{queue}{PRIORITY_SEP}{pri}"
             for raw in client.lrange(name, 0, -1):
@@ -194,7 +195,7 @@ class Sweeper:
         return out
 
     def _sweep_run_once(self, now: float) -> None:
-        """Run-once tasks (the index's train and merge; shared/pipeline.py) hold no lease: their
+        """Run-once tasks (the index's train and merge; workers/tasks.py) hold no lease: their
         lock, renewed while one runs, says the same. A delivery of this run's older than the
         suspect time whose lock is free was left by a dead worker: it goes back to its queue (or
         is forgotten once its marker exists), so a worker killed mid-merge does not leave the run
@@ -248,7 +249,7 @@ class Sweeper:
                     remove_delivery(self.client, d.tag)
             how = "put its unacked message back in the queue"
         else:
-            self.app.send_task(task_name(stage), args=(self.store.uri, shard),
+            self.app.send_task(REGISTRY[stage].task_name, args=(self.store.uri, shard),
                                kwargs=self.task_kwargs(stage, shard))
             how = "sent the task again"
         if resumed:
@@ -312,7 +313,7 @@ class FleetSweeper:
 
     def __init__(self, app, client, holder: str):
         self.app, self.client, self.holder = app, client, holder
-        self._runs: dict[str, tuple] = {}   # store URI -> (Sweeper, ProgressCache)
+        self._runs: dict[str, Sweeper] = {}   # store URI -> its sweeper
 
     def sweep_once(self) -> None:
         lock_ms = int(sweep_s() * 3000)
@@ -332,21 +333,29 @@ class FleetSweeper:
 
     def _sweep_run(self, uri: str) -> bool:
         """One sweep of one run; True when every expected shard is done or dead-lettered."""
-        from clipfleet.producer.run import ProgressCache, _done, _pending, progress, stages_of
-        from clipfleet.producer.status import first_from_store
-        from clipfleet.shared.pipeline import built_stages
-        from clipfleet.shared.runconfig import RunConfig
         store = Store(uri)
-        cfg = RunConfig.load(store)
-        first = first_from_store(store, cfg)
         if uri not in self._runs:
-            kwargs = {(t.stage, t.shard): t.kwargs for t in first}
-            self._runs[uri] = (Sweeper(self.app, self.client, store,
-                                       task_kwargs=lambda stage, shard: kwargs.get((stage, shard), {})),
-                               ProgressCache())
-        sweeper, cache = self._runs[uri]
-        state = progress(store, stages_of(cfg, set(built_stages())), first, cache)
-        if all(p.finished for p in state):
+            run = RunState(store)
+            self._runs[uri] = Sweeper(self.app, self.client, store, task_kwargs=run.task_kwargs)
+        sweeper = self._runs[uri]
+        states = RunState(store).all()
+        if all(s.complete for s in states):
             return True
-        sweeper.sweep(_pending(state, first, None), _done(state))
+        sweeper.sweep(pending(states), done(states))
         return False
+
+
+def pending(states: list[StageState], issued: set | None = None) -> dict[str, set[int]]:
+    """Shards the sweeper looks after: expected, not done, not dead; for the first stage only
+    those the feeder has sent, when it says (the rest are still waiting for room in the queue)."""
+    out = {}
+    for i, s in enumerate(states):
+        shards = {int(n) for n in s.pending}
+        if i == 0 and issued is not None:
+            shards = {n for n in shards if (s.stage, n) in issued}
+        out[s.stage] = shards
+    return out
+
+
+def done(states: list[StageState]) -> dict[str, set[int]]:
+    return {s.stage: {int(n) for n in s.done} for s in states}

@@ -1,7 +1,7 @@
 """The serving index, as search opens it: `ServingIndex.open(store)`, then `.search(queries, k)`.
 
-Imports only faiss, numpy and pyarrow (and the store object it is given), so the search service
-does not load the rest of the pipeline.
+The index stage writes it (workers/index/), search reads it: the format lives here, between them.
+Imports only faiss, numpy, pyarrow and the store layout, so the search service loads no stage.
 
 - `open(store, modality="image")` reads `index/infos.json` (or `index/text/infos.json`), which
   names the current merged index; the index is opened memory-mapped and read-only (on-disk
@@ -30,9 +30,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-INFOS = {"image": "index/infos.json", "text": "index/text/infos.json"}
-TAKEDOWN_IDS = "takedowns/ids.npy"   # shared/layout.py TAKEDOWN_IDS (not imported: see module doc)
-ROW_BITS = 20                        # shared/layout.py ROW_BITS
+from clipfleet.shared.layout import INDEX_MODALITIES, ROW_BITS, TAKEDOWN_IDS, index_infos
+
+INFOS = {modality: index_infos(modality) for modality in INDEX_MODALITIES}
 
 
 class IndexNotBuilt(RuntimeError):
