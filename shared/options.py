@@ -11,6 +11,15 @@ import typing
 from dataclasses import MISSING, field, fields
 
 
+def positive(value) -> str | None:
+    """A `check` for an option that must be above 0 (None, where the type allows it, is "no limit")."""
+    return None if value is None or value > 0 else "must be positive"
+
+
+def not_negative(value) -> str | None:
+    return None if value is None or value >= 0 else "must be 0 or more"
+
+
 def option(default, help: str, *, choices=None, flag: str | None = None, metavar: str | None = None,
            check=None):
     """A stage option. Lists and tuples are comma lists on the command line; bools are switches

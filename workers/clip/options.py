@@ -5,18 +5,10 @@ from dataclasses import dataclass
 
 from clipfleet.shared.models import suggested_min_similarity
 from clipfleet.shared.models.runtime import DEVICES, PRECISIONS
-from clipfleet.shared.options import option
+from clipfleet.shared.options import not_negative, option, positive
 
 # LAION-5B's thresholds, for the models it used (OpenAI ViT-B/32; multilingual CLIP).
 LAION_MIN_SIMILARITY = {"en": 0.28, "other": 0.26}
-
-
-def _positive(value) -> str | None:
-    return None if value > 0 else "must be positive"
-
-
-def _not_negative(value) -> str | None:
-    return None if value >= 0 else "must be 0 or more"
 
 
 def _cosine(value) -> str | None:
@@ -34,13 +26,13 @@ class ClipOptions:
     min_similarity_other: float | None = option(
         None, "keep other pairs at or above this cosine (default: the threshold the model ships "
               "calibrated for, else LAION's 0.26)", check=_cosine)
-    clip_batch_size: int = option(256, "samples per forward pass of the filter models", check=_positive)
+    clip_batch_size: int = option(256, "samples per forward pass of the filter models", check=positive)
     clip_device: str = option("auto", "where the filter models run (auto: cuda when present)", choices=DEVICES)
     clip_precision: str = option("auto", "auto: fp16 on cuda; on CPU bf16 where it has native bf16 and the first "
                                          "batch's similarities stay within 0.01 of fp32, else fp32",
                                  choices=PRECISIONS)
     clip_threads: int = option(0, "torch threads on CPU (0: all cores but one; decoding gets the rest)",
-                               check=_not_negative)
+                               check=not_negative)
 
     def __post_init__(self):
         # Resolved when the config is made, so run.json shows the thresholds in force.

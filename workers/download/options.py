@@ -3,30 +3,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clipfleet.shared.options import option, validate
+from clipfleet.shared.options import not_negative, option, positive, validate
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 
 
-def _positive(value) -> str | None:
-    return None if value > 0 else "must be positive"
-
-
-def _not_negative(value) -> str | None:
-    return None if value >= 0 else "must be 0 or more"
-
-
 @dataclass
 class DownloadOptions:
-    image_size: int = option(256, "resize images to this many pixels", check=_positive)
+    image_size: int = option(256, "resize images to this many pixels", check=positive)
     resize_mode: str = option("border", "how images are fitted to --image-size", choices=RESIZE_MODES)
     encode_format: str = option("jpg", "format of the stored images", choices=ENCODE_FORMATS)
     encode_quality: int = option(95, "jpg/webp quality (0-100), png compression (0-9)")
-    min_image_size: int = option(0, "drop images whose smaller side is under this", check=_not_negative)
+    min_image_size: int = option(0, "drop images whose smaller side is under this", check=not_negative)
     # None, not infinity: run.json stays standard JSON (jq and browsers refuse Infinity).
     max_aspect_ratio: float | None = option(None, "drop images longer than this ratio (default: no limit)",
-                                            check=lambda v: None if v is None else _positive(v))
+                                            check=positive)
     resize_only_if_bigger: bool = option(False, "leave an image that already fits as it is: no enlarging, "
                                                 "padding or cropping")
     skip_reencode: bool = option(False, "store the downloaded bytes of an image that is not resized and "
@@ -35,21 +27,21 @@ class DownloadOptions:
         False, "let the downloader fetch loopback and private addresses (off by default; for local tests); "
                "link-local, multicast and reserved addresses stay refused")
     user_agent_token: str | None = option(None, "added to the downloader's user agent so site owners can reach you")
-    download_threads: int = option(64, "fetching threads per download process", check=_positive)
+    download_threads: int = option(64, "fetching threads per download process", check=positive)
     download_timeout: float = option(10.0, "seconds of network time per image, all redirects and retries",
-                                     check=_positive)
+                                     check=positive)
     download_retries: int = option(2, "extra attempts for transient failures: 5xx, 429, resets",
-                                   check=_not_negative)
-    max_image_bytes: int = option(32 * 2**20, "per image as downloaded", check=_positive)
+                                   check=not_negative)
+    max_image_bytes: int = option(32 * 2**20, "per image as downloaded", check=positive)
     max_image_pixels: int = option(89_478_484, "checked on the header before decoding (LAION's limit)",
-                                   check=_positive)
+                                   check=positive)
     disallowed_header_directives: list[str] = option(
         ["noai", "noimageai"], "X-Robots-Tag directives that mean an image is not used, comma list, "
                                "empty for none")
     domain_max_concurrency: int = option(16, "requests in flight per host across the fleet, 0 for no limit",
-                                         check=_not_negative)
+                                         check=not_negative)
     domain_max_rate: float = option(0.0, "an explicit cap on requests per second per host across the fleet, "
-                                         "on top of the adaptive pace; 0 for none", check=_not_negative)
+                                         "on top of the adaptive pace; 0 for none", check=not_negative)
     ignore_robots_txt: bool = option(False, "do not fetch or obey robots.txt (logged as a warning by every "
                                             "download worker); X-Robots-Tag opt-outs still hold")
     robots_also: list[str] = option([], "robots.txt user-agent groups obeyed besides clipfleet's (each "

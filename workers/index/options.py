@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from clipfleet.shared.options import option
+from clipfleet.shared.options import not_negative, option, positive
 
 _MEMORY = re.compile(r"^\d+(\.\d+)?[KMGT]B?$", re.IGNORECASE)
 
@@ -13,11 +13,11 @@ def _memory(value: str) -> str | None:
     return None if _MEMORY.match(str(value)) else f"a size such as 4G, 512M or 1T, got {value!r}"
 
 
-def _positive(value) -> str | None:
+def positive(value) -> str | None:
     return None if value > 0 else f"must be > 0, got {value}"
 
 
-def _not_negative(value) -> str | None:
+def not_negative(value) -> str | None:
     return None if value >= 0 else f"must be >= 0, got {value}"
 
 
@@ -27,19 +27,19 @@ class IndexOptions:
                                      "(exact or HNSW when it fits, else IVF with product quantization)",
                                metavar="SIZE", check=_memory)
     index_query_ms: float = option(10.0, "query time budget: the median ms of one query, on one thread, the search parameters are tuned to",
-                                   check=_positive)
+                                   check=positive)
     index_train_after: int = option(1_000_000, "train the index once this many vectors are embedded (or when "
                                                 "the run's last shard is embedded, whichever comes first)",
-                                    check=_positive)
+                                    check=positive)
     index_expected_vectors: int = option(0, "vectors the run will have in the end, for the index key; 0 estimates "
                                             "it from the shards embedded so far and the shards expected",
-                                         check=_not_negative)
+                                         check=not_negative)
     index_train_memory: str = option("8G", "memory for training; bounds the training sample as autofaiss does",
                                      metavar="SIZE", check=_memory)
     index_key: str = option("", "a faiss index key to use instead of autofaiss's pick (e.g. OPQ64_256,IVF16384_HNSW32,PQ64x8)",
                             metavar="KEY")
     index_eval_queries: int = option(1000, "held-out queries (text embeddings, never in the image index) for "
                                            "recall and latency in index/infos.json; 0 skips the measurement",
-                                     check=_not_negative)
+                                     check=not_negative)
     index_text: bool = option(False, "also build a text index (text embeddings; for modality=text search)")
     index_seed: int = option(0, "seed of the training sample and the held-out queries")
