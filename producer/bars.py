@@ -40,14 +40,14 @@ class Bars:
             total, n, unit = state.samples_expected, state.samples_done, "sample"
             n = min(n + held.running_samples, total)
         else:
-            total, n, unit = len(state.expected), len(state.done), "shard"
+            total, n, unit = state.n_expected, state.n_done, "shard"
         if self.units.get(state.stage) != unit:
             bar.reset(total=total)  # what was done before this command is no part of its rate
             bar.unit, bar.initial, bar.n = unit, n, n
             self.units[state.stage] = unit
         bar.total, bar.n = total, n
-        postfix = {"shards": f"{len(state.done)}/{len(state.expected)}", "in flight": len(held.in_flight),
-                   "queued": len(held.queued), "failed": len(state.failed)}
+        postfix = {"shards": f"{state.n_done}/{state.n_expected}", "in flight": len(held.in_flight),
+                   "queued": len(held.queued), "failed": state.n_failed}
         if held.recovered:
             postfix["recovered"] = held.recovered
         counts = (total, n, tuple(postfix.values()))

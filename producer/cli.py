@@ -112,11 +112,12 @@ def cmd_run(args) -> int:
     if not first:
         print(f"clipfleet: the input is empty: {', '.join(cfg.inputs)} holds no rows", file=sys.stderr)
         return 1
-    for stage, shard in register.replay_deadletters(store, stages):
+    replayed = register.replay_deadletters(store, stages)
+    for stage, shard in replayed:
         print(f"replaying dead-lettered {stage} shard {shard}")
     run = RunState(store, cfg, first={shard_name(t.shard) for t in first})
     states = run.all()
-    if all(s.expected <= s.done for s in states):  # a rerun of a finished run: no fleet needed
+    if all(s.n_done >= s.n_expected for s in states):  # a rerun of a finished run: no fleet needed
         print(f"nothing to do: all {len(first)} {first[0].stage} tasks already done")
         lines, problems = follow.produced(store, states)
         print(follow.summary(states))
@@ -133,7 +134,7 @@ def cmd_run(args) -> int:
             fleet = start_fleet([REGISTRY[s].queue for s in stages], store_key=store.uri, flower=False,
                                 log_dir=logs)
             broker = fleet.broker
-        return follow.run_with_fleet(run, first, broker, fleet=fleet, detach=args.detach)
+        return follow.run_with_fleet(run, first, broker, fleet=fleet, detach=args.detach, replayed=bool(replayed))
     finally:
         if fleet is not None:
             fleet.stop()
@@ -141,7 +142,8 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     from clipfleet.producer.status import run_status
-    return run_status(args.store, as_json=args.json, broker=args.broker, recover=not args.no_recover)
+    return run_status(args.store, as_json=args.json, broker=args.broker, recover=not args.no_recover,
+                      rebuild=args.rebuild)
 
 
 def cmd_takedown(args) -> int:
@@ -244,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--broker", help="Redis URL of the fleet (default: $CLIPFLEET_BROKER): adds in flight and "
                                      "queued, and re-sends shards no live worker holds")
     st.add_argument("--no-recover", action="store_true", help="with a broker, only look: re-send nothing")
+    st.add_argument("--rebuild", action="store_true", help="with a broker, rebuild the run state it keeps "
+                                                           "from the markers (it is rebuilt by itself when missing)")
     st.set_defaults(func=cmd_status)
 
     td = sub.add_parser("takedown", help="remove samples from the serving index and the published dataset, without a rebuild")

@@ -17,6 +17,7 @@ from clipfleet.producer.bars import Bars, Held
 from clipfleet.producer.feed import enqueue, is_broker_error
 from clipfleet.producer.register import FirstTask, RunError
 from clipfleet.shared.recovery import done, pending, sweep_s
+from clipfleet.shared.runindex import RunIndex
 from clipfleet.shared.runstate import RunState, StageState
 from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store, shard_name, unreachable_errors
@@ -70,9 +71,12 @@ def follow(run: RunState, fleet=None, poll_s: float = 1.0, show_progress: bool =
                 states = run.all()
                 settled = all(s.complete for s in states) and run.settled()
                 store_outage.ok()
-            except unreachable_errors() as exc:  # the store away for a while: wait, as for the broker
-                log.warning("store unreachable, retrying: %s", exc)
-                store_outage.failed(f"store {run.store.uri} unreachable for {broker_lost_s():.0f}s: {exc}")
+            except Exception as exc:  # the store or the broker (the run state) away for a while: wait
+                if not is_broker_error(exc) and not isinstance(exc, unreachable_errors()):
+                    raise
+                log.warning("run state unreachable, retrying: %s", exc)
+                store_outage.failed(f"run state ({run.store.uri}, broker) unreachable for "
+                                    f"{broker_lost_s():.0f}s: {exc}")
                 time.sleep(poll_s)
                 continue
             if sweeper is not None and time.monotonic() >= next_sweep:
@@ -100,7 +104,7 @@ def follow(run: RunState, fleet=None, poll_s: float = 1.0, show_progress: bool =
 
 
 def summary(states: list[StageState]) -> str:
-    return "; ".join(f"{s.stage}: {len(s.done)} done, {len(s.failed)} failed" for s in states)
+    return "; ".join(f"{s.stage}: {s.n_done} done, {s.n_failed} failed" for s in states)
 
 
 def produced(store: Store, states: list[StageState], recovered: dict | None = None) -> tuple[list[str], list[str]]:
@@ -113,16 +117,16 @@ def produced(store: Store, states: list[StageState], recovered: dict | None = No
         samples = (f", {n_in} samples in, {n_out} out" if n_in is not None and n_out is not None
                    else f", {n_out} samples out" if n_out is not None else "")
         again = (recovered or {}).get(s.stage)
-        lines.append(f"{s.stage}: {len(s.done)} of {len(s.expected)} shards done, {len(s.failed)} failed"
+        lines.append(f"{s.stage}: {s.n_done} of {s.n_expected} shards done, {s.n_failed} failed"
                      + (f", {again} recovered" if again else "") + samples)
         reasons = s.drop_reasons()
         if reasons:
             lines.append("  dropped: " + ", ".join(f"{name} {n}" for name, n in reasons))
-        if s.done:
+        if s.n_done:
             lines.append(f"  outputs: {store.url(REGISTRY[s.stage].outputs)}")
         for d in store.deadletters(s.stage):
             problems.append(f"dead letter {s.stage} {shard_name(d['shard'])}: {d.get('error')}")
-        if s.done and n_out == 0:
+        if s.n_done and n_out == 0:
             why = "; ".join(f"{name} {n}" for name, n in reasons) or "no reason was counted"
             if n_in == 0:
                 problems.append(f"{s.stage} got no samples: its input is empty ({why})")
@@ -145,13 +149,17 @@ def report_outcome(store: Store, states: list[StageState], recovered: dict | Non
 
 
 def run_with_fleet(run: RunState, first: list[FirstTask], broker: str, fleet=None, detach: bool = False,
-                   show_progress: bool = True) -> int:
-    """Enqueue, follow with the sweeper, print what was produced; the exit code of `run`."""
+                   show_progress: bool = True, replayed: bool = False) -> int:
+    """Enqueue, follow with the sweeper, print what was produced; the exit code of `run`.
+    The run state is read from the broker's Redis (rebuilt from the markers when it is missing,
+    or when dead letters were just replayed)."""
     import redis
     from clipfleet.shared.recovery import Sweeper, register_detached
     from clipfleet.workers.app import make_app
     store = run.store
     app, client = make_app(broker), redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
+    run.index = RunIndex(client, store.uri, run.cfg.created_at)
+    run.rebuild_index(force=replayed)
     if detach:
         sent = enqueue(app, client, store, first)
         register_detached(client, store.uri)  # every task is sent: from now on the workers sweep it

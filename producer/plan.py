@@ -195,7 +195,7 @@ def from_store(uri: str) -> tuple[dict[str, Figure], list[str], int]:
 
     def per_worker(stage: str) -> tuple[float, str] | None:
         view = views[stage]
-        if not view.markers or not view.samples_in or view.work_s() <= 0:
+        if not view.rows or not view.samples_in or view.work_s() <= 0:
             return None
         devices = sorted({str((m.get("stats") or {}).get("device")) for m in view.markers} - {"None"})
         return view.samples_in / view.work_s(), f"{uri}: {stage} markers, {view.samples_in:,} samples in " \
@@ -203,9 +203,9 @@ def from_store(uri: str) -> tuple[dict[str, Figure], list[str], int]:
                                                  (f" on {', '.join(devices)}" if devices else "")
 
     ex, dl, cl = views["extract"], views["download"], views["clip"]
-    if ex.markers:
+    if ex.rows:
         pairs = ex.totals.get("pairs", 0)
-        out["pairs_per_segment"] = Figure(pairs / len(ex.markers), f"{uri}: pairs per extracted segment")
+        out["pairs_per_segment"] = Figure(pairs / len(ex.rows), f"{uri}: pairs per extracted segment")
         rate = per_worker("extract")
         if rate and pairs:
             out["extract_pairs_per_s"] = Figure(pairs / ex.work_s(), rate[1].replace("samples", "links"))

@@ -1,6 +1,7 @@
 """`clipfleet report`: a run as one self-contained HTML page, the way LAION's blog showed its own.
 
-It reads only what the stages published: the markers (counts, durations; every marked shard),
+It reads only what the stages published: the run state (counts and durations of every marked
+shard, from the per-stage summaries: each marker is read once, ever), a spread of whole markers,
 and the tables of a spread of marked shards (`--max-shards` of each kind, evenly spaced, so a
 run of 500 000 shards reports in minutes; the page says how many were read). A shard without a
 marker is not read, so a running run reports what is finished so far. Plots are PNGs inline
@@ -40,34 +41,48 @@ class ReportError(ValueError):
     """The store cannot be reported on (no run there)."""
 
 
+MARKERS_READ = 64  # whole markers read per stage, evenly spread, for what only they say (device, dim)
+
+
 @dataclass
 class StageView:
+    """A stage as the report sees it: its state (counts from the per-stage summaries), a row per
+    done shard (samples, times), and a spread of whole markers."""
     name: str
-    markers: list[dict]
-    dead: list[dict]
+    run: RunState
     state: StageState
+    dead: list[dict]
+
+    @property
+    def rows(self) -> dict:
+        return self.state.rows
+
+    @property
+    def markers(self) -> list[dict]:
+        names = spread(sorted(self.rows), MARKERS_READ)
+        return [m for m in (self.run.marker(self.name, n) for n in names) if m]
 
     @property
     def totals(self) -> dict:
-        return self.state.totals()
+        return self.state.totals
 
     @property
     def samples_in(self) -> int | None:
-        return self.state.samples_in if self.markers else None
+        return self.state.samples_in if self.rows else None
 
     @property
     def samples_out(self) -> int | None:
-        return self.state.samples_out if self.markers else None
+        return self.state.samples_out if self.rows else None
 
     @property
     def drops(self) -> list[tuple[str, int]]:
         return self.state.drop_reasons(top=12)
 
     def work_s(self) -> float:
-        return sum(m.get("duration_s") or 0 for m in self.markers)
+        return self.state.work_s
 
     def span_s(self) -> float:
-        return self.state.wall_s()
+        return self.state.wall_s
 
 
 def read_stages(store: Store) -> dict[str, StageView]:
@@ -76,9 +91,8 @@ def read_stages(store: Store) -> dict[str, StageView]:
     states = {s.stage: s for s in run.all()}
     views = {}
     for name in REGISTRY.names():
-        state = states.get(name) or StageState(name, set(), set(), set(), True)
-        markers = [run.marker(name, n) for n in sorted(state.done)]
-        views[name] = StageView(name, [m for m in markers if m], store.deadletters(name), state)
+        views[name] = StageView(name, run, states.get(name) or StageState(name, 0, 0, 0, True),
+                                store.deadletters(name))
     return views
 
 
@@ -91,7 +105,7 @@ def spread(shards: list[int], n: int) -> list[int]:
 
 
 def _shard_ids(view: StageView) -> list[int]:
-    return sorted(int(m["shard"]) for m in view.markers if isinstance(m.get("shard"), int))
+    return sorted(int(n) for n in view.rows if n.isdigit())
 
 
 def _table(store: Store, rel: str, columns: list[str] | None = None, problems: list | None = None) -> pa.Table | None:

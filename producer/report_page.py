@@ -61,7 +61,7 @@ class Page:
         self.add(f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
 
     def header(self, cfg: RunConfig, views, samples: Samples) -> None:
-        last = next((s for s in reversed(REGISTRY.names()) if views[s].markers), None)
+        last = next((s for s in reversed(REGISTRY.names()) if views[s].rows), None)
         until = cfg.until
         state = "finished" if last == until and not views[until].dead else "running or stopped early"
         self.add(f"<h1>{_e(self.title)}</h1>")
@@ -83,7 +83,7 @@ class Page:
         self.table(["run", ""], rows)
         self.table(["stage", "shards done", "dead", "samples in", "samples out", "samples/s (wall)",
                     "samples/s per worker"],
-                   [[s, len(v.markers), len(v.dead), _n(v.samples_in), _n(v.samples_out),
+                   [[s, len(v.rows), len(v.dead), _n(v.samples_in), _n(v.samples_out),
                      _n(v.samples_in / v.span_s()) if v.samples_in and v.span_s() > 0 else "–",
                      _n(v.samples_in / v.work_s()) if v.samples_in and v.work_s() > 0 else "–"]
                     for s, v in views.items()])
@@ -188,20 +188,19 @@ class Page:
 
     def throughput(self, views) -> None:
         self.section("Throughput over time", "throughput")
-        starts = [m["started_at"] for v in views.values() for m in v.markers if m.get("started_at")]
+        starts = [r.started_at for v in views.values() for r in v.rows.values() if r.started_at]
         if not starts:
             self.note("no shard finished yet")
             return
         origin, series = min(starts), {}
         for stage, view in views.items():
-            done = sorted((m["finished_at"], m.get("samples_in") or 0)
-                          for m in view.markers if m.get("finished_at"))
+            done = sorted((r.finished_at, r.samples_in or 0) for r in view.rows.values() if r.finished_at)
             if done:
                 series[stage] = (np.array([(f - origin) / 60 for f, _ in done]), np.cumsum([n for _, n in done]))
         self.figure(plots.throughput(series), "throughput", "each point is a shard's marker (finished_at); "
                                                             "samples counted as the stage's samples in")
-        durations = [[s, len(v.markers), f"{v.work_s():,.1f}", f"{np.median([m.get('duration_s') or 0 for m in v.markers]):.2f}"]
-                     for s, v in views.items() if v.markers]
+        durations = [[s, len(v.rows), f"{v.work_s():,.1f}", f"{np.median([r.duration_s for r in v.rows.values()]):.2f}"]
+                     for s, v in views.items() if v.rows]
         self.table(["stage", "shards", "worker seconds", "median seconds per shard"], durations)
 
     def index(self, store: Store) -> None:

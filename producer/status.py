@@ -13,13 +13,22 @@ import time
 
 from clipfleet.shared.layout import RUN_FILE
 from clipfleet.shared.recovery import recovered_counts
+from clipfleet.shared.runindex import RunIndex
 from clipfleet.shared.runstate import RunState
 from clipfleet.shared.storage import Store
 
 
-def collect(store: Store, broker: str | None = None, recover: bool = True) -> dict:
+def collect(store: Store, broker: str | None = None, recover: bool = True, rebuild: bool = False) -> dict:
+    """What `status` shows. With a broker, counts come from the run state it keeps (O(stages));
+    without, from the markers (each read once, kept in per-stage summaries)."""
     run = RunState(store)
     cfg = run.cfg
+    if broker:
+        import redis
+        run.index = RunIndex(redis.Redis.from_url(broker, socket_timeout=30, socket_connect_timeout=5),
+                             store.uri, cfg.created_at)
+        if rebuild:
+            run.rebuild_index()
     state = run.all()
     info = {"store": store.uri, "until": cfg.until, "input_kind": cfg.input_kind,
             "inputs": len(cfg.inputs), "broker": None, "stages": {}}
@@ -31,9 +40,9 @@ def collect(store: Store, broker: str | None = None, recover: bool = True) -> di
         dead = store.deadletters(p.stage)
         recovered = recovered_counts(store, p.stage)
         h = holdings.get(p.stage)
-        wall = p.wall_s()
+        wall = p.wall_s
         entry = {
-            "expected": len(p.expected), "done": len(p.done), "failed": len(p.failed),
+            "expected": p.n_expected, "done": p.n_done, "failed": p.n_failed,
             "dead": len(dead),
             "in_flight": None if h is None else len(h.in_flight),
             "queued": None if h is None else len(h.queued),
@@ -44,8 +53,8 @@ def collect(store: Store, broker: str | None = None, recover: bool = True) -> di
             # reported by running shards whose stage calls stats.advance
             "samples_running": None if h is None else sum(v for k, v in h.progress.items() if k in h.in_flight),
             "samples_per_s": round(p.samples_done / wall, 1) if wall > 0 else None,
-            "duration_s": round(sum(r.duration_s for r in p.records.values()), 1),
-            "totals": p.totals(),
+            "duration_s": round(p.work_s, 1),
+            "totals": p.totals,
             "failures": [{"shard": d["shard"], "error": d.get("error")} for d in dead],
         }
         if h is not None:
@@ -80,13 +89,14 @@ def _look_at_broker(run: RunState, state, broker: str, recover: bool):
     return holdings, sweeper
 
 
-def run_status(store_uri: str, as_json: bool = False, broker: str | None = None, recover: bool = True) -> int:
+def run_status(store_uri: str, as_json: bool = False, broker: str | None = None, recover: bool = True,
+               rebuild: bool = False) -> int:
     store = Store(store_uri)
     if not store.exists(RUN_FILE):
         print(f"clipfleet: error: {store_uri} holds no run (no run.json)")
         return 2
     broker = broker or os.environ.get("CLIPFLEET_BROKER")
-    info = collect(store, broker, recover)
+    info = collect(store, broker, recover, rebuild)
     if as_json:
         print(json.dumps(info, indent=1))
         return 0

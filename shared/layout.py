@@ -133,3 +133,8 @@ MARKER_FIELDS = {
     "next_shards": "the next stage's shards this one made (usually [shard])",
     "host": "the machine that ran it",
 }
+
+
+def stage_summary(stage: str) -> str:
+    """What the run state has read of a stage's markers (shared/summaries.py); markers stay the truth."""
+    return f"_state/{stage}.json"

@@ -99,6 +99,7 @@ class Stage:
     `triggers`: names of run-once tasks (the registry's) a finished shard may make due."""
     name: str = ""
     triggers: tuple = ()
+    run_index = None  # the run state in Redis (shared/runindex.py), set by the Celery glue in a worker
 
     def __init__(self, run: RunConfig):
         self.run_config = run

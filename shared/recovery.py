@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from clipfleet.shared import leases
+from clipfleet.shared.runindex import RunIndex
 from clipfleet.shared.runstate import RunState, StageState
 from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store, shard_name
@@ -185,10 +186,12 @@ class Sweeper:
                     continue
                 self.suspects.pop(key, None)
             holding.progress = leases.read_progress(self.client, self.store.uri, stage, holding.in_flight)
-            for shard in (done or {}).get(stage, set()):
-                for d in broker.delivered.get((stage, shard), []):
-                    if now - d.delivered_at >= leases.suspect_s():
-                        remove_delivery(self.client, d.tag)
+            finished = (done or {}).get(stage, set())  # a set, or anything that answers `in`
+            for (of, shard), deliveries in broker.delivered.items():
+                if of == stage and shard in finished:
+                    for d in deliveries:
+                        if now - d.delivered_at >= leases.suspect_s():
+                            remove_delivery(self.client, d.tag)
         for key in [k for k in self.suspects if k[1] not in pending.get(k[0], ())]:
             del self.suspects[key]
         self._sweep_run_once(now)
@@ -234,7 +237,7 @@ class Sweeper:
         self.suspects.pop((stage, shard), None)
         record = self.store_record(stage, shard) or {"stage": stage, "shard": shard, "events": []}
         if not resumed and len(record["events"]) >= max_recoveries():
-            self.store.write_deadletter(stage, shard, {
+            self._dead_letter(stage, shard, {
                 "error": f"recovered {len(record['events'])} times and never finished; "
                          "see the worker logs for why", "recovered": record["events"]})
             self.given_up.append((stage, shard))
@@ -264,6 +267,11 @@ class Sweeper:
         except Exception as exc:  # the count is a record; the shard is already back
             log.warning("could not record the recovery of %s %s: %s", stage, shard, exc)
         return True
+
+    def _dead_letter(self, stage: str, shard: int, record: dict) -> None:
+        self.store.write_deadletter(stage, shard, record)
+        created_at = self.store.read_json("run.json")["created_at"]
+        RunIndex(self.client, self.store.uri, created_at).record_failed(stage, shard)
 
     def store_record(self, stage: str, shard: int) -> dict | None:
         try:
@@ -334,11 +342,12 @@ class FleetSweeper:
     def _sweep_run(self, uri: str) -> bool:
         """One sweep of one run; True when every expected shard is done or dead-lettered."""
         store = Store(uri)
+        run = RunState(store)
+        run.index = RunIndex(self.client, uri, run.cfg.created_at)
         if uri not in self._runs:
-            run = RunState(store)
             self._runs[uri] = Sweeper(self.app, self.client, store, task_kwargs=run.task_kwargs)
         sweeper = self._runs[uri]
-        states = RunState(store).all()
+        states = run.all()
         if all(s.complete for s in states):
             return True
         sweeper.sweep(pending(states), done(states))
@@ -357,5 +366,15 @@ def pending(states: list[StageState], issued: set | None = None) -> dict[str, se
     return out
 
 
-def done(states: list[StageState]) -> dict[str, set[int]]:
-    return {s.stage: {int(n) for n in s.done} for s in states}
+class _Done:
+    """`shard in done[stage]` without loading every done shard (a Redis SISMEMBER per question)."""
+
+    def __init__(self, state: StageState):
+        self.state = state
+
+    def __contains__(self, shard) -> bool:
+        return self.state.has_done(shard_name(shard))
+
+
+def done(states: list[StageState]) -> dict[str, _Done]:
+    return {s.stage: _Done(s) for s in states}

@@ -2,12 +2,18 @@
 samples went through, for `run`, `status`, the sweeper, the report and the run-once due checks.
 
 The markers are the truth. A stage's expected shards are the run's inputs for its first stage,
-then the `next_shards` of the done shards of the stage before. Markers never change once
-written, so each is read at most once per process (a compact record of it is kept, keyed by the
-run's identity); a shard's samples come from the marker's typed fields (layout.MARKER_FIELDS).
+then the `next_shards` of the done shards of the stage before; its samples come from the
+markers' typed fields (layout.MARKER_FIELDS). Two ways to read it, with the same answers:
+  - with a `RunIndex` (shared/runindex.py: sets and counts in Redis, recorded as markers are
+    committed): O(stages) calls, whatever the size of the run; the shard sets load only when a
+    caller asks for them. A missing index is rebuilt from the markers first.
+  - from the store alone: the marker names are listed, and each marker is read once: per-stage
+    summaries under _state/ (shared/summaries.py) keep what was read, so a later look (another
+    `status`, the report) reads only the markers committed since.
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -15,80 +21,68 @@ from clipfleet.shared import layout
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.stages import REGISTRY, load
 from clipfleet.shared.storage import DEADLETTER, MARKERS, Store, shard_name
+from clipfleet.shared.summaries import Summary, compacted
 
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """What the run state keeps of one marker."""
-    samples_in: int | None
-    samples_out: int | None
-    next_shards: tuple[str, ...]
-    dropped: tuple[str, ...] = ()
-    started_at: float | None = None
-    finished_at: float | None = None
-    duration_s: float = 0.0
-    stats: dict = field(default_factory=dict, compare=False, hash=False)
-
-    @classmethod
-    def of(cls, marker: dict, name: str) -> "ShardRecord":
-        return cls(marker.get("samples_in"), marker.get("samples_out"),
-                   tuple(shard_name(s) for s in marker.get("next_shards", [name])),
-                   tuple(marker.get("dropped") or ()), marker.get("started_at"), marker.get("finished_at"),
-                   marker.get("duration_s") or 0.0, marker.get("stats") or {})
+log = logging.getLogger("clipfleet.runstate")
 
 
 @dataclass
 class StageState:
     stage: str
-    expected: set[str]          # shard names known so far; grows while the stage before runs
-    done: set[str]
-    failed: set[str]            # dead-lettered and not done since
+    n_expected: int
+    n_done: int
+    n_failed: int               # dead-lettered and not done since
     upstream_complete: bool     # every stage before this one has done or dead-lettered all its shards
-    records: dict[str, ShardRecord] = field(default_factory=dict, repr=False)  # done shard -> record
-    sizes: dict[str, int | None] = field(default_factory=dict, repr=False)     # expected shard -> samples
+    samples_expected: int | None = None   # samples in the expected shards, when known
+    samples_done: int = 0                 # samples that went into done shards
+    samples_in: int | None = None
+    samples_out: int | None = None
+    totals: dict = field(default_factory=dict)     # every count of the done shards summed, groups nested
+    dropped: set = field(default_factory=set)      # names in totals that count dropped samples
+    work_s: float = 0.0                            # summed shard durations
+    wall_s: float = 0.0                            # first start to last finish
+    sets: object = field(default=None, repr=False)  # kind -> set of shard names ("expected", "done", "failed", "pending")
+    member: object = field(default=None, repr=False)  # (kind, name) -> bool, without loading the set
+    rows: dict = field(default_factory=dict, repr=False)  # done shard -> summaries.Row (read from the store)
+    _loaded: dict = field(default_factory=dict, repr=False)
+
+    def has_done(self, name: str) -> bool:
+        if self.member is not None and "done" not in self._loaded:
+            return self.member("done", name)
+        return name in self.done
+
+    def _set(self, kind: str) -> set[str]:
+        if kind not in self._loaded:
+            self._loaded[kind] = self.sets(kind) if self.sets is not None else set()
+        return self._loaded[kind]
 
     @property
-    def samples_expected(self) -> int | None:
-        """Samples in the expected shards, when every one's size is known."""
-        if not self.sizes or None in self.sizes.values():
-            return None
-        return sum(self.sizes.values())
+    def expected(self) -> set[str]:
+        return self._set("expected")
+
+    @property
+    def done(self) -> set[str]:
+        return self._set("done")
+
+    @property
+    def failed(self) -> set[str]:
+        return self._set("failed")
+
+    @property
+    def pending(self) -> set[str]:
+        """Expected, neither done nor failed."""
+        return self._set("pending")
 
     @property
     def complete(self) -> bool:
         """Every shard this stage will ever get is done or dead-lettered."""
-        return self.upstream_complete and self.expected <= (self.done | self.failed)
-
-    @property
-    def pending(self) -> set[str]:
-        return self.expected - self.done - self.failed
-
-    @property
-    def samples_done(self) -> int:
-        """Samples that went into done shards (a shard that does not count them: its size)."""
-        return sum(r.samples_in if r.samples_in is not None else (self.sizes.get(n) or 0)
-                   for n, r in self.records.items())
-
-    @property
-    def samples_out(self) -> int | None:
-        outs = [r.samples_out for r in self.records.values()]
-        return None if None in outs else sum(outs)
-
-    @property
-    def samples_in(self) -> int | None:
-        ins = [r.samples_in for r in self.records.values()]
-        return None if None in ins else sum(ins)
-
-    def totals(self) -> dict:
-        """Every count of the done shards' stats summed; groups summed inside."""
-        return totals(r.stats for r in self.records.values())
+        return self.upstream_complete and self.n_done + self.n_failed >= self.n_expected
 
     def drop_reasons(self, top: int = 5) -> list[tuple[str, int]]:
         """The largest reasons samples were dropped, as (name, count); grouped ones as group: reason."""
-        dropped = {name for r in self.records.values() for name in r.dropped}
         reasons = []
-        for key, value in self.totals().items():
-            if key not in dropped:
+        for key, value in self.totals.items():
+            if key not in self.dropped:
                 continue
             if isinstance(value, dict):
                 # a group named "dropped" says nothing its reasons do not (clip: "below threshold")
@@ -97,12 +91,9 @@ class StageState:
                 reasons.append((key, value))
         return sorted(reasons, key=lambda r: (-r[1], r[0]))[:top]
 
-    def wall_s(self) -> float:
-        spans = [(r.started_at, r.finished_at) for r in self.records.values() if r.started_at and r.finished_at]
-        return max(f for _, f in spans) - min(s for s, _ in spans) if spans else 0.0
-
 
 def totals(stats_dicts) -> dict:
+    """Every count of the stats dicts summed; groups summed inside."""
     flat, nested = Counter(), {}
     for stats in stats_dicts:
         for key, value in stats.items():
@@ -127,14 +118,15 @@ _URL_ROWS: dict = {}
 
 
 class RunState:
-    """Expected / done / failed / samples per stage of one run, read from its store."""
+    """Expected / done / failed / samples per stage of one run."""
 
-    def __init__(self, store: Store, cfg: RunConfig | None = None, first: set[str] | None = None):
-        """`first`: the first stage's shards, when the caller knows them (the producer that
-        wrote the URL shards), so they are not listed again on every look."""
+    def __init__(self, store: Store, cfg: RunConfig | None = None, first: set[str] | None = None, index=None):
+        """`first`: the first stage's shards, when the caller knows them (the producer that wrote
+        the URL shards). `index`: a RunIndex to read from (rebuilt from the markers when missing)."""
         self.store = store
         self.cfg = cfg or RunConfig.load(store)
         self._first = first
+        self.index = index
         run = (store.uri, self.cfg.created_at)
         self._markers = _MARKERS.setdefault(run, {})
         self._rows = _URL_ROWS.setdefault(run, {})
@@ -154,6 +146,13 @@ class RunState:
             return {shard_name(i) for i in range(len(self.cfg.inputs))}
         return {n[:-len(".parquet")] for n in self.store.list("urls") if n.endswith(".parquet")}
 
+    def task_kwargs(self, stage: str, shard: int) -> dict:
+        """What a task of the run's first stage needs besides its shard (an extract's WAT)."""
+        if stage == self.first_stage() and self.cfg.input_kind == "wat":
+            return {"wat": self.cfg.inputs[int(shard)]}
+        return {}
+
+    # -- markers, read once per process ---------------------------------------------------------
     def marker(self, stage: str, name: str) -> dict | None:
         """A marker of this run, read once per process (a missing one is read again next time)."""
         if (stage, name) not in self._markers:
@@ -163,49 +162,30 @@ class RunState:
             self._markers[stage, name] = marker
         return self._markers[stage, name]
 
-    def task_kwargs(self, stage: str, shard: int) -> dict:
-        """What a task of the run's first stage needs besides its shard (an extract's WAT)."""
-        if stage == self.first_stage() and self.cfg.input_kind == "wat":
-            return {"wat": self.cfg.inputs[int(shard)]}
-        return {}
-
-    def record(self, stage: str, name: str) -> ShardRecord:
-        return ShardRecord.of(self.marker(stage, name) or {}, name)
-
     def failed(self, stage: str) -> set[str]:
         return {n[:-5] for n in self.store.list(f"{DEADLETTER}/{stage}") if n.endswith(".json")}
 
     def done(self, stage: str) -> set[str]:
+        if self.index is not None and self._index_ready():
+            return self.index.members("done", stage)
         return self.store.done(stage)
 
+    def stages_run(self) -> list[str]:
+        """Stages that have done (or failed) any shard in this store."""
+        return [s for s in REGISTRY.names()
+                if self.store.list(f"{MARKERS}/{s}") or self.store.list(f"{DEADLETTER}/{s}")]
+
+    # -- the state of every stage ---------------------------------------------------------------
     def all(self, until: str | None = None) -> list[StageState]:
         """Every stage of the run, in order, up to `until` (included)."""
-        out: list[StageState] = []
-        expected, sizes, upstream = self.first_shards(), {}, True
-        url_reader = REGISTRY.first("urls")  # the stage that reads URL shards: their rows are its samples
-        for stage in self.stages:
-            done = self.done(stage) & expected
-            failed = self.failed(stage) - done
-            if stage == url_reader:
-                sizes = {n: self._url_rows(n) for n in expected}
-            state = StageState(stage, expected, done, failed, upstream,
-                               records={n: self.record(stage, n) for n in sorted(done)},
-                               sizes={n: sizes.get(n) for n in expected})
-            out.append(state)
-            if stage == until:
-                break
-            upstream = upstream and state.complete
-            expected, sizes = set(), {}
-            for name, rec in state.records.items():
-                expected.update(rec.next_shards)
-                # a shard handed on as it is carries its kept samples to the next stage
-                for nxt in rec.next_shards:
-                    sizes[nxt] = rec.samples_out if rec.next_shards == (name,) else None
-        return out
+        stages = self.stages[:self.stages.index(until) + 1] if until else self.stages
+        if self.index is not None and self._index_ready():
+            return self._from_index(stages)
+        return self._from_store(stages)
 
     def stage(self, name: str) -> StageState:
         if name not in self.stages:
-            return StageState(name, set(), set(), set(), True)
+            return StageState(name, 0, 0, 0, True)
         return self.all(until=name)[-1]
 
     def settled(self) -> bool:
@@ -219,10 +199,92 @@ class RunState:
                 return False
         return True
 
-    def stages_run(self) -> list[str]:
-        """Stages that have done (or failed) any shard in this store."""
-        return [s for s in REGISTRY.names()
-                if self.store.list(f"{MARKERS}/{s}") or self.store.list(f"{DEADLETTER}/{s}")]
+    def _from_store(self, stages: list[str]) -> list[StageState]:
+        out: list[StageState] = []
+        expected, sizes, upstream = self.first_shards(), {}, True
+        url_reader = REGISTRY.first("urls")  # the stage that reads URL shards: their rows are its samples
+        for stage in stages:
+            done = self.store.done(stage) & expected
+            failed = self.failed(stage) - done
+            if stage == url_reader:
+                sizes = {n: self._url_rows(n) for n in expected}
+            summary = compacted(self.store, stage, done, self.marker)
+            done &= summary.shards.keys()  # a marker that vanished while we looked is not done
+            known = [sizes.get(n) for n in expected]
+            state = StageState(stage, len(expected), len(done), len(failed), upstream,
+                               samples_expected=None if not known or None in known else sum(known),
+                               sets=_fixed(expected, done, failed))
+            _fill(state, summary, done, sizes)
+            out.append(state)
+            upstream = upstream and state.complete
+            expected, sizes = set(), {}
+            for name in done:
+                row = summary.shards[name]
+                nxt = row.next_shards(name)
+                expected.update(nxt)
+                # a shard handed on as it is carries its kept samples to the next stage
+                for n in nxt:
+                    sizes[n] = row.samples_out if nxt == [name] else None
+        return out
+
+    def _from_index(self, stages: list[str]) -> list[StageState]:
+        counts = self.index.counts(stages)
+        out, upstream = [], True
+        for stage in stages:
+            c = counts[stage]
+            f = c.fields
+            state = StageState(stage, c.expected, c.done, c.failed, upstream,
+                               samples_expected=_int(f.get("samples_expected")),
+                               samples_done=int(f.get("samples_in", 0)),
+                               samples_in=_int(f.get("samples_in")), samples_out=_int(f.get("samples_out")),
+                               totals=_nested({k[5:]: v for k, v in f.items() if k.startswith("stat:")}),
+                               dropped={k[5:] for k in f if k.startswith("drop:")},
+                               work_s=float(f.get("duration_s", 0.0)),
+                               wall_s=float(f.get("finished_max", 0)) - float(f.get("started_min", 0))
+                               if "started_min" in f else 0.0,
+                               sets=self._index_sets(stage),
+                               member=lambda kind, name, stage=stage: self.index.is_member(kind, stage, name))
+            out.append(state)
+            upstream = upstream and state.complete
+        return out
+
+    def _index_sets(self, stage: str):
+        def load_set(kind: str) -> set[str]:
+            return self.index.pending(stage) if kind == "pending" else self.index.members(kind, stage)
+        return load_set
+
+    # -- the index kept equal to the markers ---------------------------------------------------
+    def _index_ready(self) -> bool:
+        if not self.index.built():
+            self.rebuild_index(force=False)
+        return True
+
+    def rebuild_index(self, force: bool = True) -> None:
+        """Rebuild the RunIndex from the markers (and nothing else); without `force`, only when
+        no other reader has rebuilt it meanwhile. It covers every stage the run's inputs could reach,
+        so a later --until finds the next stage's expected shards there."""
+        stages = REGISTRY.chain(self.cfg.input_kind)
+
+        states = {s.stage: s for s in self._from_store(stages)}
+
+        def markers(stage):
+            for name in sorted(states[stage].done):
+                yield name, self.marker(stage, name)
+
+        def failed(stage):
+            return states[stage].failed
+
+        first = self.first_shards()
+        rows = [self._url_rows(n) for n in first] if stages[0] == REGISTRY.first("urls") else [None]
+        if self.index.rebuild(stages, first, markers, failed, first_samples=None if None in rows else sum(rows),
+                              force=force):
+            # markers committed while the rebuild ran were recorded into the keys it replaced
+            for i, stage in enumerate(stages):
+                nxt = stages[i + 1] if i + 1 < len(stages) else None
+                for name in self.store.done(stage) - self.index.members("done", stage):
+                    marker = self.marker(stage, name)
+                    if marker is not None and name in self.index.members("expected", stage):
+                        self.index.record(stage, nxt, marker)
 
     def _url_rows(self, name: str) -> int | None:
         if name not in self._rows:
@@ -233,3 +295,38 @@ class RunState:
             except (FileNotFoundError, OSError, ValueError):
                 return None
         return self._rows[name]
+
+
+def _fixed(expected: set, done: set, failed: set):
+    sets = {"expected": expected, "done": done, "failed": failed, "pending": expected - done - failed}
+    return sets.__getitem__
+
+
+def _fill(state: StageState, summary: Summary, done: set[str], sizes: dict) -> None:
+    rows = [summary.shards[n] for n in done]
+    state.samples_done = sum(r.samples_in if r.samples_in is not None else (sizes.get(n) or 0)
+                             for n, r in zip(done, rows))
+    ins, outs = [r.samples_in for r in rows], [r.samples_out for r in rows]
+    state.samples_in = None if not rows or None in ins else sum(ins)
+    state.samples_out = None if not rows or None in outs else sum(outs)
+    state.rows = {n: summary.shards[n] for n in done}
+    state.totals = summary.totals_of(done)
+    state.dropped = set(summary.dropped)
+    state.work_s = sum(r.duration_s for r in rows)
+    spans = [(r.started_at, r.finished_at) for r in rows if r.started_at and r.finished_at]
+    state.wall_s = max(f for _, f in spans) - min(s for s, _ in spans) if spans else 0.0
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in sorted(flat.items()):
+        if "/" in key:
+            group, reason = key.split("/", 1)
+            out.setdefault(group, {})[reason] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _int(value) -> int | None:
+    return None if value is None else int(value)

@@ -18,7 +18,9 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu import Queue
 
 from clipfleet.shared import leases
+from clipfleet.shared.layout import RUN_FILE
 from clipfleet.shared.pipeline import TransientError
+from clipfleet.shared.runindex import RunIndex
 from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store, unreachable_errors
 
@@ -151,9 +153,11 @@ class ShardTask(Task):
         stage = self.name.removeprefix("clipfleet.")
         reason = "time limit" if isinstance(exc, SoftTimeLimitExceeded) else exc.__class__.__name__
         try:
-            Store(store_uri).write_deadletter(stage, shard, {
+            store = Store(store_uri)
+            store.write_deadletter(stage, shard, {
                 "error": f"{reason}: {exc}", "task_id": task_id, "retries": self.request.retries,
                 "traceback": str(einfo)})
+            RunIndex(broker_redis(), store_uri, store.read_json(RUN_FILE)["created_at"]).record_failed(stage, shard)
         except Exception:
             # The message is acked regardless; the sweeper sees a shard that is neither done,
             # dead-lettered nor queued and sends it again (counted as recovered).

@@ -26,6 +26,7 @@ import threading
 from clipfleet.shared.leases import progress_key, run_key
 from clipfleet.shared.pipeline import RunOnce, Stage, TransientError, execute
 from clipfleet.shared.runconfig import RunConfig, revision
+from clipfleet.shared.runindex import RunIndex
 from clipfleet.shared.stages import REGISTRY, StageSpec, load
 from clipfleet.shared.storage import Store
 from clipfleet.workers.app import ShardTask, app, broker_redis
@@ -57,7 +58,14 @@ def _register_once(name: str, target: str) -> None:
 @functools.lru_cache(maxsize=16)
 def _stage_instance(stage_cls: type[Stage], store_uri: str, rev: float) -> Stage:
     # One instance per process and run revision, so models and clients load once, in the worker.
-    return stage_cls(RunConfig.load(Store(store_uri)))
+    stage = stage_cls(RunConfig.load(Store(store_uri)))
+    stage.run_index = run_index(store_uri, stage.run_config.created_at)  # its run-once checks read it
+    return stage
+
+
+def run_index(store_uri: str, created_at: float) -> RunIndex:
+    """The run state in the broker's Redis (shared/runindex.py)."""
+    return RunIndex(broker_redis(), store_uri, created_at)
 
 
 def _instance(stage_cls, store: Store) -> Stage:
@@ -68,8 +76,9 @@ def run_stage(stage_cls: type[Stage], store_uri: str, shard: int, **inputs) -> d
     """What every stage task does: run the stage once, then enqueue the next stage."""
     store = Store(store_uri)
     stage = _instance(stage_cls, store)  # one small read per task: which run, which revision
+    nxt = REGISTRY.next(stage.name)  # recorded whatever --until says: a later --until takes the run further
     marker = execute(stage, store, shard, on_progress=_progress_reporter(store_uri, stage.name, shard),
-                     **inputs)
+                     on_commit=lambda m: stage.run_index.record(stage.name, nxt, m), **inputs)
     enqueue_next(stage, store_uri, marker["next_shards"])
     trigger_due(store_uri, stage.triggers)
     return {"shard": shard, "stats": marker["stats"], "skipped": marker.get("skipped", False)}
@@ -131,7 +140,7 @@ def run_once(once_cls: type[RunOnce], store_uri: str, key: str) -> dict:
         return {"key": key, "busy": True}
     stop = _renew_in_background(lock)
     try:
-        marker = execute(once, store, key)
+        marker = execute(once, store, key, on_commit=lambda m: once.run_index.record(once.name, None, m))
         once.after(store_uri, key)
     finally:
         stop()

@@ -37,6 +37,7 @@ def four_shards(tmp_path) -> Store:
         url_shard(store, shard, 5)
     store.commit("download", 0, {}, {"stats": {"count": 5, "success": 3, "failed_to_download": 2,
                                                "refused": {"private address": 2}, "politeness_wait_s": 0.5},
+                                     "samples_in": 5, "samples_out": 3, "dropped": ["failed_to_download", "refused"],
                                      "started_at": 100.0, "duration_s": 2.0, "next_shards": [0]})
     store.write_deadletter("download", 1, {"error": "ValueError: bad shard"})
     return store

@@ -28,7 +28,7 @@ def embedded_counts(run: RunState) -> dict[int, int]:
     """Shard -> vectors, from the embed stage's markers (samples it kept)."""
     out = {}
     for name in sorted(run.done("embed")):
-        n = run.record("embed", name).samples_out
+        n = (run.marker("embed", name) or {}).get("samples_out")
         if n is None:  # an embed marker without the count: the array's header says it
             n = len(vectors.load(run.store, int(name)))
         out[int(name)] = int(n)
@@ -36,7 +36,7 @@ def embedded_counts(run: RunState) -> dict[int, int]:
 
 
 def waiting(run: RunState, name: str) -> bool:
-    return bool((run.record("index", name).stats).get("waiting_for_training"))
+    return bool(((run.marker("index", name) or {}).get("stats") or {}).get("waiting_for_training"))
 
 
 def indexed_shards(run: RunState, done: set[str]) -> tuple[list[int], bool]:
@@ -51,7 +51,7 @@ def indexed_shards(run: RunState, done: set[str]) -> tuple[list[int], bool]:
                 continue
             n = part["stats"].get("vectors", 0)
         else:
-            n = run.record("index", name).stats.get("vectors", 0)
+            n = ((run.marker("index", name) or {}).get("stats") or {}).get("vectors", 0)
         if n:
             ready.append(int(name))
     return ready, all_ready

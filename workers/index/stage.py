@@ -93,7 +93,8 @@ def add_shard(store: Store, shard: int, modality: str, train_marker: dict, out: 
 
 class _Index:
     def state(self, store: Store) -> RunState:
-        return RunState(store, self.run_config)
+        # with the Redis run index when the Celery glue set one; a direct `execute` reads the store
+        return RunState(store, self.run_config, index=self.run_index)
 
 
 class IndexStage(_Index, Stage):
@@ -129,9 +130,10 @@ class TrainIndex(_Index, RunOnce):
     def due(self, store: Store) -> str | None:
         if trained(self.state(store)) is not None:
             return None
-        if sum(embedded_counts(self.state(store)).values()) >= self.options.index_train_after:
+        state = self.state(store)
+        if (state.stage("embed").samples_out or 0) >= self.options.index_train_after:
             return TRAIN_KEY
-        return TRAIN_KEY if self.state(store).stage("index").upstream_complete else None
+        return TRAIN_KEY if state.stage("index").upstream_complete else None
 
     def expected_vectors(self, store: Store, counts: dict[int, int]) -> int:
         """The run's final size, for the key: the option, or vectors per embedded shard times the
@@ -140,9 +142,9 @@ class TrainIndex(_Index, RunOnce):
         if self.options.index_expected_vectors:
             return max(self.options.index_expected_vectors, total)
         state = self.state(store).stage("embed")
-        if state.complete or not state.done:
+        if state.complete or not state.n_done:
             return total
-        return max(total, round(total / len(state.done) * len(state.expected)))
+        return max(total, round(total / state.n_done * state.n_expected))
 
     def run(self, store: Store, key: str, out: Path, stats: Stats, **inputs) -> StageOutput:
         build.threads()
@@ -204,7 +206,9 @@ class TrainIndex(_Index, RunOnce):
                     log.error("index %s: %s", name, exc)
                     store.write_deadletter(PART_MARKERS, name, {"error": f"BadEmbeddings: {exc}"})
                     continue
-                store.commit(PART_MARKERS, name, files, {"stats": {"vectors": n}})
+                marker = store.commit(PART_MARKERS, name, files, {"stats": {"vectors": n}})
+                if self.run_index is not None:
+                    self.run_index.record(PART_MARKERS, None, marker)
 
 
 class MergeIndex(_Index, RunOnce):
