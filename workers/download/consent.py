@@ -114,7 +114,7 @@ def usage_refusal(value: str | bytes, purpose: str = "train-ai") -> str | None:
     prefs = _dictionary(value)
     if not prefs:
         return None
-    said = {key: str(val).lower() for key, val in prefs.items() if str(val).lower() in ("y", "n")}
+    said = {key: str(val) for key, val in prefs.items() if isinstance(val, http_sfv.Token) and val in ("y", "n")}
     order = [purpose, "bots"] if purpose == "train-ai" else [purpose]
     for key in order:
         if key in said:
@@ -129,7 +129,7 @@ def usage_refusal(value: str | bytes, purpose: str = "train-ai") -> str | None:
 def signal_refusal(value: str | bytes) -> str | None:
     """Content-Signal (contentsignals.org): `ai-train=no` refuses training use."""
     prefs = _dictionary(value)
-    if prefs and str(prefs.get("ai-train", "")).lower() == "no":
+    if prefs and isinstance(prefs.get("ai-train"), http_sfv.Token) and prefs["ai-train"] == "no":
         return "ai-train=no"
     return None
 

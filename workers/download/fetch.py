@@ -122,7 +122,8 @@ def user_agent(token: str | None, robots_txt: bool = True, contact: str | None =
     for what, value in (("token", token), ("contact", contact)):
         if value is not None and (not value.isprintable() or not value.isascii()):
             raise ValueError(f"the user agent {what} must be printable ASCII, got {value!r}")
-    honours = "robots.txt and X-Robots-Tag noai" if robots_txt else "X-Robots-Tag noai"
+    honours = ("robots.txt, Content-Usage, TDMRep and X-Robots-Tag noai" if robots_txt
+               else "Content-Usage, TDMRep and X-Robots-Tag noai")
     ua = f"Mozilla/5.0 (compatible; {PRODUCT}/{__version__}; image-text dataset downloader; honours {honours}"
     ua += f"; +{contact}" if contact else ""
     return f"{ua}; {token})" if token else f"{ua})"
