@@ -5,8 +5,8 @@ path, and can be told to behave like the hosts a polite downloader meets:
 - a capacity: a token bucket of `capacity` requests/s (`burst` deep); a request beyond it gets
   429 with Retry-After, and latency grows with the load (base_latency x (1 + 3 x load^2), load
   being the recent request rate over the capacity), as a server nearing saturation does;
-- an outage: from its `outage_after`-th request on, 503 with Retry-After for `outage_s` seconds,
-  then it recovers;
+- an outage: from its `outage_after`-th request on, 503 with Retry-After (or `outage_status`)
+  for `outage_s` seconds, then it recovers;
 - a robots.txt: a text, a status (404, 500, ...), a redirect, slow (after `robots_delay_s`) or huge;
 - /opt-out/...: 200 with `X-Robots-Tag: noai` (or `opt_out_headers`) and a body of
   OPT_OUT_BODY_BYTES sent slowly, counting what actually left, so a test can tell the body was
@@ -46,6 +46,7 @@ class TestHost:
     def __init__(self, root: str | Path | None = None, image: bytes | None = None, *,
                  capacity: float | None = None, burst: float | None = None, retry_after: str = "1",
                  base_latency: float = 0.0, outage_after: int | None = None, outage_s: float = 0.0,
+                 outage_status: int = 503,
                  robots: str | None = None, robots_status: int = 404, robots_delay_s: float = 0.0,
                  robots_location: str | None = None, headers: dict | None = None,
                  opt_out_headers: dict | None = None, tdmrep: str | None = None, tdmrep_status: int = 404,
@@ -55,7 +56,7 @@ class TestHost:
         self.capacity, self.burst = capacity, burst if burst is not None else (capacity or 0)
         self.retry_after = retry_after
         self.base_latency = base_latency
-        self.outage_after, self.outage_s = outage_after, outage_s
+        self.outage_after, self.outage_s, self.outage_status = outage_after, outage_s, outage_status
         self.robots, self.robots_status, self.robots_delay_s = robots, robots_status, robots_delay_s
         self.robots_location = robots_location
         self.headers = dict(headers or {})
@@ -111,7 +112,7 @@ class TestHost:
                 if self._outage_until is None:
                     self._outage_until = now + self.outage_s
                 if now < self._outage_until:
-                    return 503, 0.0
+                    return self.outage_status, 0.0
             if self.capacity:
                 self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.capacity)
                 self._refilled = now

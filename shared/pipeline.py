@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipfleet.shared.retries import retry_shard_names
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
 
@@ -278,7 +279,7 @@ def shard_state(store: Store, stage: str, cfg: RunConfig | None = None,
         if name == stage:
             return ShardState(stage, expected, done, failed, upstream)
         upstream = upstream and expected <= (done | failed)
-        handed = set()
+        handed = retry_shard_names(store) if name == "extract" else set()  # retry-failed's shards
         for shard in done:
             if (name, shard) not in cache:
                 cache[name, shard] = (store.marker(name, shard) or {}).get("next_shards", [shard])
