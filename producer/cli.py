@@ -140,6 +140,11 @@ def cmd_run(args) -> int:
             fleet.stop()
 
 
+def cmd_retry_failed(args) -> int:
+    from clipfleet.producer.retry_failed import run_retry_failed
+    return run_retry_failed(args.store, broker=args.broker)
+
+
 def cmd_status(args) -> int:
     from clipfleet.producer.status import run_status
     return run_status(args.store, as_json=args.json, broker=args.broker, recover=not args.no_recover,
@@ -257,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--hashes", metavar="FILE", help="file or URI with one md5 or sha256 image hash a line")
     td.add_argument("--reason", default="", help="why, kept in the takedown record under takedowns/")
     td.set_defaults(func=cmd_takedown)
+
+    rf = sub.add_parser("retry-failed", help="fetch again, in new shards, the URLs whose download failed for a "
+                                             "transient reason (timeouts, 5xx, DNS, connection resets)")
+    rf.add_argument("--store", required=True, help="the run's store")
+    rf.add_argument("--broker", help="Redis URL of a running fleet (default: start an embedded fleet)")
+    rf.set_defaults(func=cmd_retry_failed)
 
     dm = sub.add_parser("demo", help="run the whole pipeline offline on a local synthetic web")
     dm.add_argument("--store", default="demo-store", help="where the demo run writes (default %(default)s); the sandbox world goes beside it")

@@ -160,6 +160,7 @@ def run_with_fleet(run: RunState, first: list[FirstTask], broker: str, fleet=Non
     app, client = make_app(broker), redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
     run.index = RunIndex(client, store.uri, run.cfg.created_at)
     run.rebuild_index(force=replayed)
+    run.index.set_first(first[0].stage, [t.shard for t in first])  # retry-failed's shards join a running run
     if detach:
         sent = enqueue(app, client, store, first)
         register_detached(client, store.uri)  # every task is sent: from now on the workers sweep it

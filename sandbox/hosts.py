@@ -5,11 +5,15 @@ path, and can be told to behave like the hosts a polite downloader meets:
 - a capacity: a token bucket of `capacity` requests/s (`burst` deep); a request beyond it gets
   429 with Retry-After, and latency grows with the load (base_latency x (1 + 3 x load^2), load
   being the recent request rate over the capacity), as a server nearing saturation does;
-- an outage: from its `outage_after`-th request on, 503 with Retry-After for `outage_s` seconds,
-  then it recovers;
+- an outage: from its `outage_after`-th request on, 503 with Retry-After (or `outage_status`)
+  for `outage_s` seconds, then it recovers;
 - a robots.txt: a text, a status (404, 500, ...), a redirect, slow (after `robots_delay_s`) or huge;
-- /opt-out/...: 200 with `X-Robots-Tag: noai` and a body of OPT_OUT_BODY_BYTES sent slowly,
-  counting what actually left, so a test can tell the body was not read.
+- /opt-out/...: 200 with `X-Robots-Tag: noai` (or `opt_out_headers`) and a body of
+  OPT_OUT_BODY_BYTES sent slowly, counting what actually left, so a test can tell the body was
+  not read;
+- opt-outs of the other conventions (sandbox/consent.py lays out a host for each): `headers` on
+  every image (Content-Usage, tdm-reservation), and a `/.well-known/tdmrep.json` (`tdmrep` text,
+  else `tdmrep_status`), each site-wide file's requests recorded apart from the images'.
 Everything it did is counted in `stats` (per status, peak concurrency), `robots_requests`, and
 `first_ok_at`/`last_ok_at`, so a benchmark measures the rate the host itself saw.
 """
@@ -42,17 +46,23 @@ class TestHost:
     def __init__(self, root: str | Path | None = None, image: bytes | None = None, *,
                  capacity: float | None = None, burst: float | None = None, retry_after: str = "1",
                  base_latency: float = 0.0, outage_after: int | None = None, outage_s: float = 0.0,
+                 outage_status: int = 503,
                  robots: str | None = None, robots_status: int = 404, robots_delay_s: float = 0.0,
-                 robots_location: str | None = None,
+                 robots_location: str | None = None, headers: dict | None = None,
+                 opt_out_headers: dict | None = None, tdmrep: str | None = None, tdmrep_status: int = 404,
                  host: str = "127.0.0.1", port: int = 0):
         self.root = Path(root).resolve() if root is not None else None
         self.image = image
         self.capacity, self.burst = capacity, burst if burst is not None else (capacity or 0)
         self.retry_after = retry_after
         self.base_latency = base_latency
-        self.outage_after, self.outage_s = outage_after, outage_s
+        self.outage_after, self.outage_s, self.outage_status = outage_after, outage_s, outage_status
         self.robots, self.robots_status, self.robots_delay_s = robots, robots_status, robots_delay_s
         self.robots_location = robots_location
+        self.headers = dict(headers or {})
+        self.opt_out_headers = dict(opt_out_headers or {"X-Robots-Tag": "noai"})
+        self.tdmrep, self.tdmrep_status = tdmrep, tdmrep_status
+        self.tdmrep_requests: list[dict] = []
         self.stats: Counter = Counter()
         self.opt_out_sent = 0  # body bytes of /opt-out/ responses that left this server
         self.first_ok_at = self.last_ok_at = 0.0  # monotonic times of the first and last 200
@@ -102,7 +112,7 @@ class TestHost:
                 if self._outage_until is None:
                     self._outage_until = now + self.outage_s
                 if now < self._outage_until:
-                    return 503, 0.0
+                    return self.outage_status, 0.0
             if self.capacity:
                 self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.capacity)
                 self._refilled = now
@@ -129,18 +139,26 @@ class TestHost:
                 except (BrokenPipeError, ConnectionResetError, TimeoutError):
                     self.close_connection = True
 
-            def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", **headers):
+            def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", extra=None, **headers):
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 for name, value in headers.items():
                     self.send_header(name.replace("_", "-"), value)
+                for name, value in (extra or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
             def _get(self, path: str):
                 if path == "/robots.txt":
                     return self._robots()
+                if path == "/.well-known/tdmrep.json":
+                    with host._lock:
+                        host.tdmrep_requests.append(dict(self.headers))
+                    if host.tdmrep is not None:
+                        return self._send(200, host.tdmrep.encode(), "application/json")
+                    return self._send(host.tdmrep_status, b"tdmrep\n", "text/plain")
                 if path.startswith("/opt-out/"):
                     return self._opt_out()
                 status, latency = host._admit()
@@ -160,7 +178,7 @@ class TestHost:
                             host.stats[200] -= 1
                             host.stats[404] += 1
                         return self._send(404, b"missing\n", "text/plain")
-                    self._send(200, body)
+                    self._send(200, body, extra=host.headers)
                     with host._lock:
                         host.last_ok_at = time.monotonic()
                         host.first_ok_at = host.first_ok_at or host.last_ok_at
@@ -183,7 +201,8 @@ class TestHost:
                 self.send_response(200)
                 self.send_header("Content-Type", "image/jpeg")
                 self.send_header("Content-Length", str(OPT_OUT_BODY_BYTES))
-                self.send_header("X-Robots-Tag", "noai")
+                for name, value in host.opt_out_headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.flush()
                 chunk = b"\xff" * OPT_OUT_CHUNK

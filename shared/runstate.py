@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from clipfleet.shared import layout
+from clipfleet.shared.retries import retry_shard_names
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.stages import REGISTRY, load
 from clipfleet.shared.storage import DEADLETTER, MARKERS, Store, shard_name
@@ -207,6 +208,8 @@ class RunState:
             done = self.store.done(stage) & expected
             failed = self.failed(stage) - done
             if stage == url_reader:
+                if stage != stages[0]:  # retry-failed's shards (shared/retries.py) join the extracted ones
+                    expected |= retry_shard_names(self.store)
                 sizes = {n: self._url_rows(n) for n in expected}
             summary = compacted(self.store, stage, done, self.marker)
             done &= summary.shards.keys()  # a marker that vanished while we looked is not done

@@ -15,8 +15,10 @@
   up its retries. Other transient failures get `download_retries` more attempts.
 - robots.txt is checked for every hop before it is requested (robots.py); the robots.txt
   itself is fetched through this same guard, deadline and size limit.
-- X-Robots-Tag noai / noimageai (for everyone or for our token) means the image is not used:
-  checked when the headers arrive, so the body of an opted-out image is never read.
+- X-Robots-Tag noai / noimageai (for everyone or for our token), `Content-Usage: train-ai=n` and
+  `tdm-reservation: 1` mean the image is not used (consent.py): checked when the headers arrive,
+  so the body of an opted-out image is never read. TDMRep's tdmrep.json is checked for every hop
+  as robots.txt is (robots.py, tdmrep.py).
 - Each thread keeps a few connections alive after a complete response, reused only for an
   address the guard passes again for the next request.
 """
@@ -37,6 +39,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from clipfleet.shared import __version__
 from clipfleet.workers.download import http1
+from clipfleet.workers.download.consent import HeaderRules
 from clipfleet.workers.download.options import DownloadOptions
 from clipfleet.workers.download.guard import AddressRefused, Resolver, checked_addresses
 from clipfleet.workers.download.politeness import ERROR, NONE, OK, THROTTLED, HostHeldOff
@@ -51,6 +54,9 @@ MAX_THROTTLED_ATTEMPTS = 30  # with pauses of at least DEFAULT_HOLD_S, beyond an
 # RFC 9309 2.5: a crawler parses at least the first 500 KiB of a robots.txt; the rest is cut.
 ROBOTS_MAX_BYTES = 500 * 1024
 PRODUCT = "clipfleet"
+# Refusals made on a 200's headers: the host answered well, its pace counts it as a success.
+HEADER_KINDS = {"x-robots-tag", "content-usage header", "tdmrep header"}
+ROBOTS_CONVENTIONS = {"robots.txt", "content-usage", "content-signal"}  # read from robots.txt
 IDLE_PER_THREAD = 4  # kept-alive connections per fetching thread
 # A host's checked addresses are reused this long: image hosts repeat within a shard, and a
 # lookup per image would cost a DNS round trip each (DNS answers commonly live 60-300 s).
@@ -108,14 +114,18 @@ class RobotsAnswer:
     truncated: bool = False
 
 
-def user_agent(token: str | None, robots_txt: bool = True) -> str:
-    """Says who we are and how to tell us no; the token lets operators name their crawl.
+def user_agent(token: str | None, robots_txt: bool = True, contact: str | None = None) -> str:
+    """Says who we are, how to tell us no and (--contact) how to reach the operator; the token
+    lets operators name their crawl.
 
     `clipfleet` is the product token a robots.txt group names (User-agent: clipfleet)."""
-    if token is not None and (not token.isprintable() or not token.isascii()):
-        raise ValueError(f"the user agent token must be printable ASCII, got {token!r}")
-    honours = "robots.txt and X-Robots-Tag noai" if robots_txt else "X-Robots-Tag noai"
+    for what, value in (("token", token), ("contact", contact)):
+        if value is not None and (not value.isprintable() or not value.isascii()):
+            raise ValueError(f"the user agent {what} must be printable ASCII, got {value!r}")
+    honours = ("robots.txt, Content-Usage, TDMRep and X-Robots-Tag noai" if robots_txt
+               else "Content-Usage, TDMRep and X-Robots-Tag noai")
     ua = f"Mozilla/5.0 (compatible; {PRODUCT}/{__version__}; image-text dataset downloader; honours {honours}"
+    ua += f"; +{contact}" if contact else ""
     return f"{ua}; {token})" if token else f"{ua})"
 
 
@@ -181,13 +191,13 @@ class Fetcher:
 
     def __init__(self, opts: DownloadOptions, limiter=None, resolver: Resolver = socket.getaddrinfo,
                  connect: Connector = socket.create_connection,
-                 url_blocked: Callable[[str], bool] = lambda url: False, robots=None):
+                 url_blocked: Callable[[str], bool | str] = lambda url: False, robots=None):
         self.opts = opts
         self.limiter = limiter
         self.resolver = resolver
         self.connect = connect
         self.url_blocked = url_blocked
-        ua = user_agent(opts.user_agent_token, robots_txt=not opts.ignore_robots_txt)
+        ua = user_agent(opts.user_agent_token, robots_txt=not opts.ignore_robots_txt, contact=opts.contact)
         self._header_block = (f"User-Agent: {ua}\r\n"
                               "Accept: image/*,*/*;q=0.5\r\nAccept-Encoding: identity\r\n\r\n").encode("latin-1")
         self._robots_header_block = (f"User-Agent: {ua}\r\n"
@@ -196,10 +206,14 @@ class Fetcher:
         self._addresses: dict[tuple[str, int], tuple[float, list[str] | str]] = {}  # -> (expiry, addrs or refusal)
         self.tokens = {PRODUCT} | ({opts.user_agent_token.strip().lower()} if opts.user_agent_token else set())
         self.disallowed = {d.strip().lower() for d in opts.disallowed_header_directives}
-        if robots is None and not opts.ignore_robots_txt:
-            from clipfleet.workers.download.robots import RobotsRules
+        self.headers = HeaderRules(opts)  # Content-Usage, tdm-reservation (as --respect says)
+        from clipfleet.workers.download.robots import RobotsRules, TdmRepRules
+        if robots is None and not opts.ignore_robots_txt and self.headers.honoured & ROBOTS_CONVENTIONS:
             robots = RobotsRules(self, getattr(limiter, "redis", None), opts)
-        self.robots = robots  # None: robots.txt ignored (--ignore-robots-txt)
+        self.robots = robots  # None: robots.txt ignored (--ignore-robots-txt, --respect)
+        self.tdmrep = TdmRepRules(self, getattr(limiter, "redis", None), opts) if self.headers.tdm else None
+        if "x-robots-tag" not in self.headers.honoured:
+            self.disallowed = set()
         self.counts: Counter = Counter()  # politeness events, read by the stage as deltas
         self._counts_lock = threading.Lock()
 
@@ -266,8 +280,10 @@ class Fetcher:
 
     def _request(self, url: str, budget: Budget, robots_txt: bool):
         """One hop: the body on 200 (a RobotsAnswer for robots.txt), the Location on a redirect."""
-        if self.url_blocked(url):
-            raise FetchFailed("blocklisted url", refused="blocklist url")
+        blocked = self.url_blocked(url)
+        if blocked:  # a kind ("do-not-train") or True (the blocklist)
+            kind = blocked if isinstance(blocked, str) else "blocklist url"
+            raise FetchFailed("on the do-not-train list" if kind == "do-not-train" else "blocklisted url", refused=kind)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchFailed(f"unsupported url: {url[:200]}")
@@ -285,6 +301,8 @@ class Fetcher:
         interval = 0.0  # between request starts, as the host's robots.txt asks (Crawl-delay)
         if not robots_txt and self.robots is not None:
             interval = self.robots.check(parts.scheme, host, port, url)  # fetches robots.txt once
+        if not robots_txt and self.tdmrep is not None:
+            self.tdmrep.check(parts.scheme, host, port, url)  # fetches tdmrep.json once
         if self.limiter is None:
             return self._exchange(parts, host, port, addrs, budget, robots_txt)[0]
         try:
@@ -308,7 +326,7 @@ class Fetcher:
                 outcome = ERROR
             elif exc.latency is not None:
                 outcome, latency = OK, exc.latency  # it answered (404, redirect without Location)
-            elif exc.refused == "x-robots-tag":
+            elif exc.refused in HEADER_KINDS:
                 outcome = OK  # the host answered well; we chose not to read on
             raise
         finally:
@@ -445,6 +463,10 @@ class Fetcher:
         if directive:
             self.count("opt_out_before_body")
             raise FetchFailed(f"disallowed by X-Robots-Tag: {directive}", refused="x-robots-tag")
+        said = self.headers.refusal(response)
+        if said:
+            self.count("opt_out_before_body")
+            raise FetchFailed(said[1], refused=said[0])
 
     def _outcome(self, response: http1.Response, robots_txt: bool):
         """The body of a 200, the Location of a redirect; raises for anything else."""

@@ -1,9 +1,10 @@
 """Options of the download stage, with img2dataset's names where it has one."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from clipfleet.shared.options import not_negative, option, positive, validate
+from clipfleet.workers.download.consent import CONVENTIONS, DEFAULT_RESPECT, check_respect, turned_off
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
 ENCODE_FORMATS = ("jpg", "png", "webp")
@@ -27,6 +28,15 @@ class DownloadOptions:
         False, "let the downloader fetch loopback and private addresses (off by default; for local tests); "
                "link-local, multicast and reserved addresses stay refused")
     user_agent_token: str | None = option(None, "added to the downloader's user agent so site owners can reach you")
+    contact: str | None = option(None, "a URL or e-mail address put in the user agent, where site owners reach "
+                                       "whoever runs the crawl (a run against public hosts without one warns)",
+                                 metavar="URL_OR_EMAIL")
+    respect: list[str] = option(DEFAULT_RESPECT, "the opt-out conventions honoured and the usage category they "
+                                                 f"are read for: all or some of {', '.join(CONVENTIONS)}; "
+                                                 "train-ai. Leaving one out is warned about once per run",
+                                check=check_respect, metavar="CONVENTIONS")
+    do_not_train: str | None = option(None, "file or URI of domains and URL prefixes (one a line, e.g. exported "
+                                            "from an opt-out registry) never requested", metavar="FILE")
     download_threads: int = option(64, "fetching threads per download process", check=positive)
     download_timeout: float = option(10.0, "seconds of network time per image, all redirects and retries",
                                      check=positive)
@@ -50,6 +60,8 @@ class DownloadOptions:
     blocklist: str | None = option(None, "file or URI of URLs and md5/sha256 digests (one a line) never stored",
                                    metavar="FILE")
 
+    not_honoured: list[str] = field(default_factory=list)  # derived from the options above; no flag
+
     def __post_init__(self):
         validate(self)
         if self.encode_format == "png" and not 0 <= self.encode_quality <= 9:
@@ -57,3 +69,6 @@ class DownloadOptions:
         self.disallowed_header_directives = [d.strip().lower() for d in self.disallowed_header_directives
                                              if d.strip()]
         self.robots_also = [t.strip().lower() for t in self.robots_also if t.strip()]
+        self.respect = [r.strip().lower() for r in self.respect if r.strip()]
+        # What this run does not honour, written into run.json for the dataset card to say.
+        self.not_honoured = turned_off(self)

@@ -15,6 +15,9 @@
 - Cached fleet-wide in Redis (zlib-compressed text, TTL_S, RFC 9309 asks for at most 24 h) and
   parsed per process in a bounded LRU. One worker fetches a host's robots.txt while the others
   wait for its answer (a Redis lock with an expiry, so a worker dying mid-fetch blocks no one).
+- The same file's usage preferences (aipref Content-Usage, Content-Signal) are read from the
+  cached text (robots_prefs.py). The caching is SiteFileCache's, which TDMRep's
+  /.well-known/tdmrep.json shares (tdmrep.py): one mechanism for every site-wide file.
 """
 from __future__ import annotations
 
@@ -27,12 +30,16 @@ from collections import OrderedDict
 
 from protego import Protego
 
+from clipfleet.workers.download import tdmrep
+from clipfleet.workers.download.consent import parse_respect
 from clipfleet.workers.download.fetch import PRODUCT, FetchFailed
 from clipfleet.workers.download.options import DownloadOptions
+from clipfleet.workers.download.robots_prefs import RobotsPrefs
 
 log = logging.getLogger("clipfleet.download")
 
 PREFIX = "clipfleet:robots"
+TDMREP_PREFIX = "clipfleet:tdmrep"
 TTL_S = 24 * 3600
 ERROR_TTL_S = 600.0
 LOCAL_ENTRIES = 20_000  # parsed files kept per process ...
@@ -47,7 +54,10 @@ TOKEN = re.compile(r"[a-z_-]+")  # what RFC 9309 allows in a product token
 
 class _AllowAll:
     """No rules (4xx, or an empty file)."""
-    def refusal(self, url: str, tokens: list[str]) -> str | None:
+    def refusal(self, url: str, tokens: list[str] | None = None) -> str | None:
+        return None
+
+    def usage_refusal(self, url: str, tokens: list[str], purpose: str, usage: bool, signal: bool):
         return None
 
     def interval(self, tokens: list[str]) -> float:
@@ -59,8 +69,11 @@ class _DisallowAll:
     def __init__(self, why: str):
         self.why = why
 
-    def refusal(self, url: str, tokens: list[str]) -> str | None:
-        return f"robots.txt unreachable ({self.why}): every URL of the host disallowed for now (RFC 9309)"
+    def refusal(self, url: str, tokens: list[str] | None = None) -> str | None:
+        return f"unreachable ({self.why}): every URL of the host disallowed for now (RFC 9309)"
+
+    def usage_refusal(self, url: str, tokens: list[str], purpose: str, usage: bool, signal: bool):
+        return None  # refusal() already holds every URL back
 
     def interval(self, tokens: list[str]) -> float:
         return 0.0
@@ -69,6 +82,7 @@ class _DisallowAll:
 class _Rules:
     def __init__(self, text: str):
         self.parsed = Protego.parse(text)
+        self.prefs = RobotsPrefs(text) if "content-" in text.lower() else None
         self.size = len(text)
         self._intervals: dict[tuple, float] = {}
 
@@ -77,6 +91,10 @@ class _Rules:
             if not self.parsed.can_fetch(url, token):
                 return f"disallowed by robots.txt (for {token})"
         return None
+
+    def usage_refusal(self, url: str, tokens: list[str], purpose: str, usage: bool, signal: bool):
+        """(kind, message) when a Content-Usage or Content-Signal rule of our groups says no."""
+        return self.prefs.refusal(url, tokens, purpose, usage, signal) if self.prefs else None
 
     def interval(self, tokens: list[str]) -> float:
         """Seconds between requests the groups ask for (Crawl-delay, Request-rate), capped."""
@@ -104,13 +122,13 @@ def _parse(text: str):
         return _AllowAll()
 
 
-def _decode(payload: bytes):
+def _decode(payload: bytes, parse=_parse):
     kind, rest = payload[:1], payload[1:]
     if kind == b"A":
         return _AllowAll()
     if kind == b"D":
         return _DisallowAll(rest.decode("utf-8", "replace"))
-    return _parse(zlib.decompress(rest).decode("utf-8", "replace"))
+    return parse(zlib.decompress(rest).decode("utf-8", "replace"))
 
 
 def obeyed_tokens(opts: DownloadOptions) -> list[str]:
@@ -122,7 +140,12 @@ def obeyed_tokens(opts: DownloadOptions) -> list[str]:
     return tokens + [t for t in opts.robots_also if t not in tokens]
 
 
-class RobotsRules:
+class SiteFileCache:
+    """One site-wide file per host (robots.txt, tdmrep.json): fetched once for the fleet, cached in
+    Redis for `ttl_s` (`error_ttl_s` after a failure) and parsed per process in a bounded LRU."""
+    path = "/robots.txt"
+    name = "robots.txt"
+
     def __init__(self, fetcher, redis_client, opts: DownloadOptions, prefix: str = PREFIX,
                  ttl_s: float = TTL_S, error_ttl_s: float = ERROR_TTL_S):
         self.fetcher = fetcher
@@ -136,16 +159,8 @@ class RobotsRules:
         self._lock = threading.Lock()
         self._authority_locks: dict[str, threading.Lock] = {}
 
-    def check(self, scheme: str, host: str, port: int, url: str) -> float:
-        """Raise FetchFailed (refused "robots.txt" or "robots.txt unreachable") unless `url` may be
-        fetched; else the seconds the host asks between requests (Crawl-delay), 0 for none."""
-        rules = self.rules(scheme, host, port)
-        why = rules.refusal(url, self.tokens)
-        if why:
-            self.fetcher.count("robots_refusals")
-            kind = "robots.txt unreachable" if why.startswith("robots.txt unreachable") else "robots.txt"
-            raise FetchFailed(why, refused=kind)
-        return rules.interval(self.tokens)
+    def parse(self, text: str):
+        return _parse(text)
 
     def rules(self, scheme: str, host: str, port: int):
         authority = f"{scheme}://{host}:{port}"
@@ -193,7 +208,7 @@ class RobotsRules:
                 pipe.pttl(key)
                 payload, ttl_ms = pipe.execute()
             if payload is not None:
-                return _decode(payload), max(1.0, ttl_ms / 1000)
+                return _decode(payload, self.parse), max(1.0, ttl_ms / 1000)
             if time.monotonic() > give_up or self.redis.set(lock_key, b"1", nx=True, px=int(self.wait_s * 1000)):
                 break
             time.sleep(0.05)  # another worker is fetching it
@@ -205,22 +220,71 @@ class RobotsRules:
         return rules, ttl
 
     def _fetch(self, scheme: str, host: str, port: int):
-        """(rules, payload for Redis, ttl s) from one request for the host's robots.txt."""
+        """(rules, payload for Redis, ttl s) from one request for the host's file."""
         default = 443 if scheme == "https" else 80
         netloc = (f"[{host}]" if ":" in host else host) + ("" if port == default else f":{port}")
         started = time.monotonic()
         try:
-            answer = self.fetcher.fetch_robots(f"{scheme}://{netloc}/robots.txt")
+            answer = self.fetcher.fetch_robots(f"{scheme}://{netloc}{self.path}")
         except FetchFailed as exc:
             why = str(exc)[:200]
             return _DisallowAll(why), b"D" + why.encode(), self.error_ttl_s
         finally:
-            self.fetcher.count("robots_fetches")
-            self.fetcher.count("robots_seconds", time.monotonic() - started)
+            counted = "robots" if self.path == "/robots.txt" else "tdmrep"
+            self.fetcher.count(f"{counted}_fetches")
+            self.fetcher.count(f"{counted}_seconds", time.monotonic() - started)
         if 200 <= answer.status < 300:
             text = answer.body.decode("utf-8", "replace")
-            return _parse(text), b"R" + zlib.compress(text.encode("utf-8"), 6), self.ttl_s
+            return self.parse(text), b"R" + zlib.compress(text.encode("utf-8"), 6), self.ttl_s
         if 400 <= answer.status < 500:
             return _AllowAll(), b"A", self.ttl_s
         why = f"http {answer.status}"
         return _DisallowAll(why), b"D" + why.encode(), self.error_ttl_s
+
+
+class RobotsRules(SiteFileCache):
+    """robots.txt: Allow/Disallow and Crawl-delay (when robots.txt is honoured), and the
+    Content-Usage / Content-Signal rules of its groups (when those are)."""
+
+    def __init__(self, fetcher, redis_client, opts: DownloadOptions, prefix: str = PREFIX,
+                 ttl_s: float = TTL_S, error_ttl_s: float = ERROR_TTL_S):
+        super().__init__(fetcher, redis_client, opts, prefix, ttl_s, error_ttl_s)
+        honoured, self.purpose = parse_respect(opts.respect)
+        self.obey_rules = "robots.txt" in honoured and not opts.ignore_robots_txt
+        self.usage, self.signal = "content-usage" in honoured, "content-signal" in honoured
+
+    def check(self, scheme: str, host: str, port: int, url: str) -> float:
+        """Raise FetchFailed (refused "robots.txt", "robots.txt unreachable" or a usage preference's
+        kind) unless `url` may be fetched; else the seconds the host asks between requests
+        (Crawl-delay), 0 for none."""
+        rules = self.rules(scheme, host, port)
+        why = rules.refusal(url, self.tokens)
+        if why and (self.obey_rules or isinstance(rules, _DisallowAll)):
+            self.fetcher.count("robots_refusals")
+            if isinstance(rules, _DisallowAll):
+                raise FetchFailed(f"robots.txt {why}", refused="robots.txt unreachable")
+            raise FetchFailed(why, refused="robots.txt")
+        said = rules.usage_refusal(url, self.tokens, self.purpose, self.usage, self.signal)
+        if said:
+            raise FetchFailed(said[1], refused=said[0])
+        return rules.interval(self.tokens) if self.obey_rules else 0.0
+
+
+class TdmRepRules(SiteFileCache):
+    """TDMRep's /.well-known/tdmrep.json (tdmrep.py)."""
+    path = tdmrep.PATH
+    name = "tdmrep.json"
+
+    def __init__(self, fetcher, redis_client, opts: DownloadOptions, prefix: str = TDMREP_PREFIX, **kwargs):
+        super().__init__(fetcher, redis_client, opts, prefix, **kwargs)
+
+    def parse(self, text: str):
+        return tdmrep.parse(text)
+
+    def check(self, scheme: str, host: str, port: int, url: str) -> None:
+        rules = self.rules(scheme, host, port)
+        if isinstance(rules, _DisallowAll):
+            raise FetchFailed(f"tdmrep.json {rules.refusal(url)}", refused="tdmrep.json unreachable")
+        said = rules.refusal(url)
+        if said:
+            raise FetchFailed(said[1], refused=said[0])

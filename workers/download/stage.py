@@ -29,6 +29,8 @@ from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
 from clipfleet.workers.app import broker_redis
 from clipfleet.workers.download.blocklist import Blocklist
+from clipfleet.workers.download.consent import by_convention, run_warnings
+from clipfleet.workers.download.donottrain import DoNotTrain, url_refusal
 from clipfleet.workers.download.fetch import FetchFailed, Fetcher
 from clipfleet.workers.download.options import DownloadOptions
 from clipfleet.workers.download.politeness import DomainLimiter, DomainLimits
@@ -213,10 +215,13 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
         stats_out.drop(reason, counts[reason])
     for reason, n in sorted(refused.items()):
         stats_out.drop(reason, n, under="refused")
+    for convention, n in by_convention(refused).items():  # the same refusals, by opt-out convention
+        stats_out.add(convention, n, under="consent")
     # img2dataset's _stats.json says "successes" where its status_dict says "success"
     summary = {"count": len(rows), "successes": counts["success"],
                "failed_to_download": counts["failed_to_download"], "failed_to_resize": counts["failed_to_resize"],
-               "refused": dict(sorted(refused.items())), "duration": ended - started,
+               "refused": dict(sorted(refused.items())), "consent": by_convention(refused),
+               "duration": ended - started,
                "start_time": started, "end_time": ended}
     files = writer.close(summary)
     return StageOutput(files=files)
@@ -229,6 +234,7 @@ class DownloadStage(Stage):
                  resolver=socket.getaddrinfo, connect=socket.create_connection):
         super().__init__(run)
         self.blocklist = Blocklist.load(self.options.blocklist)
+        self.do_not_train = DoNotTrain.load(self.options.do_not_train)
         self._limiter = limiter
         self._resolver, self._connect = resolver, connect
         self._fetcher: Fetcher | None = None
@@ -242,8 +248,10 @@ class DownloadStage(Stage):
                             "robots.txt rules are neither fetched nor obeyed; X-Robots-Tag opt-outs, "
                             "the blocklist and the address guard still hold")
             limiter = self._limiter or DomainLimiter(broker_redis(), domain_limits(self.options))
+            run_warnings(self.options, limiter.redis, f"{self.run_config.store}:{self.run_config.created_at}")
+            honoured = "do-not-train" not in self.options.not_honoured
             self._fetcher = Fetcher(self.options, limiter, self._resolver, self._connect,
-                                    url_blocked=self.blocklist.url_blocked)
+                                    url_blocked=url_refusal(self.blocklist, self.do_not_train, honoured))
         return self._fetcher
 
     def run(self, store: Store, shard: int, out: Path, stats: Stats) -> StageOutput:
@@ -260,6 +268,8 @@ class DownloadStage(Stage):
             delta = value - counts_before.get(name, 0)
             if name == "robots_seconds":
                 stats.put("robots_txt_s", round(delta, 2))
+            elif name == "tdmrep_seconds":
+                stats.put("tdmrep_json_s", round(delta, 2))
             elif delta:
                 stats.add(name, int(delta), under="politeness")
         return output

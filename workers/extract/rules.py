@@ -20,7 +20,7 @@ from clipfleet.workers.extract.options import ExtractOptions
 from clipfleet.workers.extract.wat import iter_record_payloads
 
 
-def page_links(body: bytes, stats: Counter) -> tuple[str, str, list] | None:
+def page_links(body: bytes, stats: Counter, metas: bool = True) -> tuple[str, str, list] | None:
     """(page URL, base URL for relative links, Links) of one WAT record, or None when it
     holds no HTML links; a broken record is counted under why it is broken."""
     try:
@@ -48,12 +48,14 @@ def page_links(body: bytes, stats: Counter) -> tuple[str, str, list] | None:
         stats["malformed_record"] += 1
         return None
     head = html.get("Head")
-    if isinstance(head, dict) and head.get("Metas") and meta_opt_out(head["Metas"]):
-        # <meta name="robots" content="noai"> and the like: the page's images are never
-        # downloaded. Each image link is counted under its own reason, as every dropped link is.
+    why = meta_opt_out(head["Metas"]) if metas and isinstance(head, dict) and head.get("Metas") else None
+    if why:
+        # <meta name="robots" content="noai">, <meta name="tdm-reservation" content="1"> and the
+        # like: the page's images are never downloaded. Each image link is counted under its own
+        # reason, as every dropped link is.
         dropped = sum(1 for link in links if isinstance(link, dict) and link.get("path") == "IMG@/src")
         stats["img_links"] += dropped
-        stats["drop_meta_robots_opt_out"] += dropped
+        stats[f"drop_meta_{why}"] += dropped
         return None
     base = head.get("Base") if isinstance(head, dict) else None
     base_url = page_url
@@ -71,18 +73,24 @@ OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 OPT_OUT_META_NAMES = frozenset({"robots", "clipfleet", "ccbot"})
 
 
-def meta_opt_out(metas) -> bool:
-    """Whether a page's WAT `Head.Metas` hold an opt-out (noai, noimageai) for us."""
+def meta_opt_out(metas) -> str | None:
+    """The opt-out a page's WAT `Head.Metas` hold for us, if any: "robots_opt_out" (noai,
+    noimageai) or "tdm_reservation" (W3C TDMRep's `<meta name="tdm-reservation" content="1">`)."""
     if not isinstance(metas, list):
-        return False
+        return None
     for meta in metas:
         if not isinstance(meta, dict):
             continue
         name, content = meta.get("name"), meta.get("content")
-        if isinstance(name, str) and isinstance(content, str) and name.strip().lower() in OPT_OUT_META_NAMES:
+        if not isinstance(name, str) or not isinstance(content, str):
+            continue
+        name = name.strip().lower()
+        if name in OPT_OUT_META_NAMES:
             if any(word.strip().lower() in OPT_OUT_DIRECTIVES for word in content.replace(",", " ").split()):
-                return True
-    return False
+                return "robots_opt_out"
+        elif name == "tdm-reservation" and content.strip() == "1":
+            return "tdm_reservation"
+    return None
 
 
 # -- the links of a page
@@ -285,10 +293,12 @@ def image_pairs(links: list, base_url: str, cfg: ExtractOptions, stats: Counter)
     return pairs
 
 
-def extract_pairs(source, cfg: ExtractOptions, stats: Counter) -> Iterator[tuple[str, str, str]]:
-    """(url, caption, page_url) of every pair in a WAT stream, before dedup, in record order."""
+def extract_pairs(source, cfg: ExtractOptions, stats: Counter,
+                  metas: bool = True) -> Iterator[tuple[str, str, str]]:
+    """(url, caption, page_url) of every pair in a WAT stream, before dedup, in record order;
+    `metas` False when --respect leaves page-level metas out."""
     for body in iter_record_payloads(source, stats):
-        page = page_links(body, stats)
+        page = page_links(body, stats, metas)
         if page is None:
             continue
         page_url, base_url, links = page

@@ -84,7 +84,8 @@ class ExtractStage(Stage):
                 write_claimed(block=False)
 
             with open_wat(wat) as source:
-                for pair in extract_pairs(source, cfg, stats):
+                metas = "page-meta" not in self.run_config.download.not_honoured  # --respect
+                for pair in extract_pairs(source, cfg, stats, metas):
                     digest = url_digest(f"{pair[0]}\n{pair[1]}" if by_uid else pair[0])
                     if digest in seen:
                         duplicates["in_segment"] += 1

@@ -90,9 +90,9 @@ class RecordingHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         path, _, query = self.path.partition("?")
         headers, status, body = {}, 200, self.image
-        if path == "/robots.txt":  # none: everything allowed (RFC 9309 for a 404); counted apart
+        if path in ("/robots.txt", "/.well-known/tdmrep.json"):  # none: everything allowed; counted apart
             self.server.robots_requests.append((self.path, dict(self.headers)))
-            status, body = 404, b"no robots.txt"
+            status, body = 404, b"no such file"
         else:
             self.server.requests.append((self.path, dict(self.headers)))
         if path == "/robots-tag":

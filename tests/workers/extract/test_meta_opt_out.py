@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from clipfleet.sandbox.consent import PAGE_METAS
 from clipfleet.sandbox.wat import Page, write_wat
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.workers.extract.rules import extract_pairs, meta_opt_out
@@ -29,7 +30,7 @@ def page(n: int, metas: list[dict] | None = None) -> Page:
     ([{"property": "og:image", "content": "x"}, "not a dict", {"name": None}], False),
 ])
 def test_meta_opt_out(metas, opted_out):
-    assert meta_opt_out(metas) is opted_out
+    assert (meta_opt_out(metas) is not None) is opted_out
 
 
 def test_a_wat_pages_noai_meta_drops_its_images_with_their_own_reason(tmp_path):
@@ -44,3 +45,17 @@ def test_a_wat_pages_noai_meta_drops_its_images_with_their_own_reason(tmp_path):
     assert len(pairs) == 9
     assert stats["drop_meta_robots_opt_out"] == 6
     assert stats["img_links"] == 15  # every image link is counted, the dropped ones too
+
+
+@pytest.mark.parametrize("honoured", [True, False])
+def test_tdmrep_page_metas_reserve_a_pages_images_unless_respect_leaves_them_out(tmp_path, honoured):
+    pages = [page(n, metas) for n, (_, metas, _) in enumerate(PAGE_METAS)]
+    wat = tmp_path / "tdm.warc.wat.gz"
+    write_wat(wat, pages, source_warc="tdm.warc.gz", seed=2)
+    stats = Counter()
+    with open(wat, "rb") as source:
+        pairs = list(extract_pairs(source, RunConfig.make(store="unused").extract, stats, metas=honoured))
+    kept = {pages[n].url for n, (_, _, keeps) in enumerate(PAGE_METAS) if keeps or not honoured}
+    assert {page_url for _, _, page_url in pairs} == kept
+    assert stats["drop_meta_tdm_reservation"] == (3 if honoured else 0)
+    assert stats["drop_meta_robots_opt_out"] == (3 if honoured else 0)
