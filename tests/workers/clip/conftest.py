@@ -56,6 +56,20 @@ def downloaded(tmp_path_factory, session_redis) -> Downloaded:
                           resize_mode="keep_ratio")
 
 
+ASPECT_SAMPLES = 480
+ASPECT_SHARD_SIZE = 160
+ASPECT_SHARDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="session")
+def letterboxed(tmp_path_factory, session_redis) -> Downloaded:
+    """A world of aspect ratios from 1:2 to 2.5:1 with 30% wrong captions, stored in img2dataset's
+    default `border` mode: a wide image is a strip inside a white square."""
+    return download_world(tmp_path_factory, session_redis, "aspect-world", samples=ASPECT_SAMPLES, seed=5,
+                          resize_mode="border", shard_size=ASPECT_SHARD_SIZE, wrong_caption_share=0.3,
+                          aspects=(0.5, 2.5))
+
+
 def download_world(tmp_path_factory, redis_url: str, name: str, samples: int, seed: int, resize_mode: str,
                    shard_size: int = SHARD_SIZE, **world) -> Downloaded:
     """A sandbox world (`world`: make_sandbox's options) downloaded by the real download stage into
@@ -96,8 +110,9 @@ def copy_images(downloaded: Downloaded, store_uri: str, shards=SHARDS) -> Store:
 
 
 def clip_run(store_uri: str, until: str = "clip", **options) -> RunConfig:
-    """A saved run config for the CLIP (and embed) stages on the sandbox, `shapes` everywhere."""
+    """A saved run config for the CLIP (and embed) stages on the sandbox, `shapes` everywhere;
+    resize_mode is how the images were stored (keep_ratio, as `downloaded` stores them, unless given)."""
     cfg = RunConfig.make(store=store_uri, input_kind="urls", until=until, shard_size=SHARD_SIZE,
-                         **{**SHAPES, **options})
+                         **{"resize_mode": "keep_ratio", **SHAPES, **options})
     cfg.save(Store(store_uri))
     return cfg

@@ -3,24 +3,11 @@ stored in img2dataset's default `border` mode (a wide image is a thin strip in a
 right pairs are kept as often in every aspect-ratio band as in the square one."""
 from __future__ import annotations
 
-import pytest
-
 from clipfleet.sandbox.filter_recall import SQUARE, measure, report, worst_band_gap
 from clipfleet.shared.pipeline import execute
 from clipfleet.shared.storage import Store
 from clipfleet.workers.clip.stage import ClipStage
-from tests.workers.clip.conftest import clip_run, copy_images, download_world
-
-ASPECT_SAMPLES = 480
-ASPECT_SHARD_SIZE = 160
-ASPECT_SHARDS = (0, 1, 2)
-
-
-@pytest.fixture(scope="session")
-def letterboxed(tmp_path_factory, session_redis):
-    return download_world(tmp_path_factory, session_redis, "aspect-world", samples=ASPECT_SAMPLES, seed=5,
-                          resize_mode="border", shard_size=ASPECT_SHARD_SIZE, wrong_caption_share=0.3,
-                          aspects=(0.5, 2.5))
+from tests.workers.clip.conftest import ASPECT_SAMPLES, ASPECT_SHARDS, clip_run, copy_images
 
 
 def test_recall_of_right_pairs_does_not_depend_on_aspect_ratio(tmp_path, letterboxed):
@@ -30,6 +17,11 @@ def test_recall_of_right_pairs_does_not_depend_on_aspect_ratio(tmp_path, letterb
     stage = ClipStage(cfg)
     for shard in ASPECT_SHARDS:
         execute(stage, Store(store_uri), shard)
+
+    # The images are letterboxed as stored: every resized one is a square canvas.
+    rows = [r for shard in ASPECT_SHARDS for r in letterboxed.rows(shard)]
+    assert all(r["width"] == r["height"] == 256 for r in rows)
+    assert sum(r["original_width"] / r["original_height"] > 1.9 for r in rows) >= 40
 
     result = measure(letterboxed.world, store_uri)
     print(report(result))
