@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make(args) -> int:
-    from clipfleet.sandbox.web import WRONG_CAPTION_SHARE, make_sandbox, parse_aspects
+    from clipfleet.sandbox.images import parse_aspects
+    from clipfleet.sandbox.web import WRONG_CAPTION_SHARE, make_sandbox
 
     try:
         aspects = parse_aspects(args.aspect_ratios) if args.aspect_ratios else None

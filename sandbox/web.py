@@ -88,27 +88,6 @@ def web_size(rng: np.random.Generator) -> tuple[int, int]:
     return int(width), int(np.clip(width / aspect, 150, 1200))
 
 
-def aspect_size(rng: np.random.Generator, aspects: tuple[float, float]) -> tuple[int, int]:
-    """A size whose width/height is drawn log-uniformly from `aspects` (e.g. (0.5, 2.5), 1:2 to
-    2.5:1), the short side a few hundred pixels as on the web; web_size's ratios stay near square."""
-    low, high = aspects
-    aspect = float(np.exp(rng.uniform(math.log(low), math.log(high))))
-    short = float(np.clip(np.exp(rng.normal(math.log(300), 0.35)), 150, 600))
-    long = short * max(aspect, 1 / aspect)
-    return (round(long), round(short)) if aspect >= 1 else (round(short), round(long))
-
-
-def parse_aspects(text: str) -> tuple[float, float]:
-    """'0.5:2.5' (width/height from 1:2 to 2.5:1) -> (0.5, 2.5); ValueError naming the problem."""
-    try:
-        low, high = (float(part) for part in text.split(":"))
-    except ValueError:
-        raise ValueError(f"aspect ratios must be LOW:HIGH width/height, e.g. 0.5:2.5, got {text!r}") from None
-    if not 0 < low <= high:
-        raise ValueError(f"aspect ratios must satisfy 0 < LOW <= HIGH, got {text!r}")
-    return low, high
-
-
 def image_spec(image_id: int, rng: np.random.Generator, wrong_caption_share: float = WRONG_CAPTION_SHARE,
                aspects: tuple[float, float] | None = None) -> ImageSpec:
     color = str(rng.choice(list(images.COLORS)))
@@ -127,7 +106,7 @@ def image_spec(image_id: int, rng: np.random.Generator, wrong_caption_share: flo
         text, correct = images.caption(wrong_color, wrong_shape, background, language, template), False
     else:
         text, correct = images.caption(color, shape, background, language, template), True
-    width, height = web_size(rng) if aspects is None else aspect_size(rng, aspects)
+    width, height = web_size(rng) if aspects is None else images.aspect_size(rng, aspects)
     return ImageSpec(image_id, color, shape, background, language, text, correct, watermark,
                      unsafe, width, height, _pick(rng, FORMAT_WEIGHTS))
 
