@@ -24,6 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help=f"random seed: the same seed makes the same world (default {DEFAULT_SEED})")
     make.add_argument("--wat-files", type=int, default=DEFAULT_WAT_FILES,
                       help=f"number of WAT files (default {DEFAULT_WAT_FILES})")
+    make.add_argument("--wrong-captions", type=float, default=None, metavar="SHARE",
+                      help="share of captions wrong in colour and shape (default 0.15)")
+    make.add_argument("--aspect-ratios", default=None, metavar="LOW:HIGH",
+                      help="draw each image's width/height from this range, e.g. 0.5:2.5 for 1:2 to 2.5:1 "
+                           "(default: the web's usual few ratios, 2:3 to 16:9)")
     make.set_defaults(func=_make)
 
     serve = actions.add_parser("serve", help="serve DIR over HTTP on 127.0.0.1 until Ctrl-C")
@@ -52,10 +57,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make(args) -> int:
-    from clipfleet.sandbox.web import make_sandbox
+    from clipfleet.sandbox.images import parse_aspects
+    from clipfleet.sandbox.web import WRONG_CAPTION_SHARE, make_sandbox
 
-    settings = make_sandbox(args.dir, samples=args.samples, port=args.port, seed=args.seed,
-                            wat_files=args.wat_files)
+    try:
+        aspects = parse_aspects(args.aspect_ratios) if args.aspect_ratios else None
+        wrong = WRONG_CAPTION_SHARE if args.wrong_captions is None else args.wrong_captions
+        settings = make_sandbox(args.dir, samples=args.samples, port=args.port, seed=args.seed,
+                                wat_files=args.wat_files, wrong_caption_share=wrong, aspects=aspects)
+    except ValueError as exc:
+        print(f"clipfleet: error: {exc}", file=sys.stderr)
+        return 2
     print(f"sandbox written to {args.dir}: {settings['samples']} images, "
           f"{len(settings['wat_files'])} WAT files, {settings['pairs']} expected pairs, "
           f"URLs on {settings['base_url']}")

@@ -213,8 +213,8 @@ def aesthetic_rating(subject_size: float) -> float:
     only as a side effect, as OpenAI's CLIP carries what LAION's raters liked. It changes no
     pixel of the world (the size was always drawn), so colour and shape stay as recognisable.
     The short side is the frame a CLIP sees after its centre crop, as served and as stored with
-    --resize-mode keep_ratio or center_crop; img2dataset's "border" mode pads the short side
-    and so shrinks the subject by the aspect ratio (sandbox runs use keep_ratio for that)."""
+    --resize-mode keep_ratio or center_crop, and with "border" too, whose padding clip and embed
+    cut off before the model's preprocess (shared/images.py)."""
     low, high = SUBJECT_SIZE
     return float(1 + 9 * np.clip((subject_size - low) / (high - low), 0, 1))
 
@@ -246,6 +246,27 @@ def encode(image: Image.Image, fmt: str, rng: np.random.Generator) -> bytes:
     else:
         raise ValueError(f"unknown format {fmt!r}")
     return out.getvalue()
+
+
+def aspect_size(rng: np.random.Generator, aspects: tuple[float, float]) -> tuple[int, int]:
+    """A size whose width/height is drawn log-uniformly from `aspects` (e.g. (0.5, 2.5), 1:2 to
+    2.5:1), the short side a few hundred pixels as on the web (web.web_size keeps the web's few ratios)."""
+    low, high = aspects
+    aspect = float(np.exp(rng.uniform(math.log(low), math.log(high))))
+    short = float(np.clip(np.exp(rng.normal(math.log(300), 0.35)), 150, 600))
+    long = short * max(aspect, 1 / aspect)
+    return (round(long), round(short)) if aspect >= 1 else (round(short), round(long))
+
+
+def parse_aspects(text: str) -> tuple[float, float]:
+    """'0.5:2.5' (width/height from 1:2 to 2.5:1) -> (0.5, 2.5); ValueError naming the problem."""
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(f"aspect ratios must be LOW:HIGH width/height, e.g. 0.5:2.5, got {text!r}") from None
+    if not 0 < low <= high:
+        raise ValueError(f"aspect ratios must satisfy 0 < LOW <= HIGH, got {text!r}")
+    return low, high
 
 
 # ----------------------------------------------------------------------------- words

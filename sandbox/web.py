@@ -88,7 +88,8 @@ def web_size(rng: np.random.Generator) -> tuple[int, int]:
     return int(width), int(np.clip(width / aspect, 150, 1200))
 
 
-def image_spec(image_id: int, rng: np.random.Generator) -> ImageSpec:
+def image_spec(image_id: int, rng: np.random.Generator, wrong_caption_share: float = WRONG_CAPTION_SHARE,
+               aspects: tuple[float, float] | None = None) -> ImageSpec:
     color = str(rng.choice(list(images.COLORS)))
     shape = str(rng.choice(images.SHAPES))
     unsafe = bool(rng.random() < UNSAFE_SHARE)
@@ -98,14 +99,14 @@ def image_spec(image_id: int, rng: np.random.Generator) -> ImageSpec:
     template = int(rng.integers(images.TEMPLATE_COUNT))
     if language == "":
         text, correct = images.camera_caption(rng), False
-    elif rng.random() < WRONG_CAPTION_SHARE:
+    elif rng.random() < wrong_caption_share:
         # A wrong caption gets both the colour and the shape wrong, so it is plainly wrong.
         wrong_color = str(rng.choice([c for c in images.COLORS if c != color]))
         wrong_shape = str(rng.choice([s for s in images.SHAPES if s != shape]))
         text, correct = images.caption(wrong_color, wrong_shape, background, language, template), False
     else:
         text, correct = images.caption(color, shape, background, language, template), True
-    width, height = web_size(rng)
+    width, height = web_size(rng) if aspects is None else images.aspect_size(rng, aspects)
     return ImageSpec(image_id, color, shape, background, language, text, correct, watermark,
                      unsafe, width, height, _pick(rng, FORMAT_WEIGHTS))
 
@@ -431,17 +432,26 @@ def _prepare(directory: Path) -> None:
 
 
 def make_sandbox(directory: str | Path, samples: int = DEFAULT_SAMPLES, port: int = DEFAULT_PORT,
-                 seed: int = DEFAULT_SEED, wat_files: int = DEFAULT_WAT_FILES) -> dict:
-    """Build a sandbox world in `directory`; returns the settings written to sandbox.json."""
+                 seed: int = DEFAULT_SEED, wat_files: int = DEFAULT_WAT_FILES,
+                 wrong_caption_share: float = WRONG_CAPTION_SHARE,
+                 aspects: tuple[float, float] | None = None) -> dict:
+    """Build a sandbox world in `directory`; returns the settings written to sandbox.json.
+
+    `aspects` (low, high) draws every image's width/height from that range instead of the web's
+    usual few ratios; `wrong_caption_share` is the share of captions wrong in colour and shape."""
     if samples < 1 or wat_files < 1:
         raise ValueError("samples and wat_files must be at least 1")
+    if not 0 <= wrong_caption_share <= 1:
+        raise ValueError("wrong_caption_share must be between 0 and 1")
+    if aspects is not None and not 0 < aspects[0] <= aspects[1]:
+        raise ValueError("aspects must be (low, high) with 0 < low <= high")
     directory = Path(directory)
     _prepare(directory)
     web_dir = directory / "web"
     specs_rngs = []
     for image_id in range(samples):
         rng = np.random.default_rng([seed, image_id])  # one stream per image: order-free
-        specs_rngs.append((image_spec(image_id, rng), rng))
+        specs_rngs.append((image_spec(image_id, rng, wrong_caption_share, aspects), rng))
     specs = [spec for spec, _ in specs_rngs]
     image_rows = _write_images(web_dir, specs_rngs, port)
     for row in image_rows:
@@ -465,7 +475,9 @@ def make_sandbox(directory: str | Path, samples: int = DEFAULT_SAMPLES, port: in
     _write_parquet(truth / "pairs.parquet", pairs, _PAIRS_SCHEMA)
     settings = {"host": HOST, "port": port, "seed": seed, "samples": samples,
                 "base_url": f"http://{HOST}:{port}", "wat_files": wat_names,
-                "pairs": len(pairs), "corner_cases": len(CORNER_CASES)}
+                "pairs": len(pairs), "corner_cases": len(CORNER_CASES),
+                "wrong_caption_share": wrong_caption_share,
+                "aspect_ratios": list(aspects) if aspects is not None else None}
     (directory / "sandbox.json").write_text(json.dumps(settings, indent=2) + "\n")
     return settings
 

@@ -300,3 +300,31 @@ def test_corner_ground_truth_lists_every_case(world):
         assert row["expected_status"] in ("success", "failed")
         assert (row["expected_error"] == "") == (row["expected_status"] == "success")
         assert bool(row["resolve_host"]) == (row["case"] == "link_local_redirect")
+
+
+def test_a_world_of_chosen_aspect_ratios_and_wrong_caption_share(tmp_path):
+    settings = make_sandbox(tmp_path / "w", samples=300, port=8471, seed=3, wat_files=1,
+                            wrong_caption_share=0.3, aspects=(0.5, 2.5))
+    assert settings["aspect_ratios"] == [0.5, 2.5] and settings["wrong_caption_share"] == 0.3
+    rows = pq.read_table(tmp_path / "w" / "ground_truth" / "images.parquet").to_pylist()
+    aspects = [r["width"] / r["height"] for r in rows]
+    assert all(0.49 <= a <= 2.51 for a in aspects)
+    assert sum(a < 0.7 for a in aspects) >= 40 and sum(a > 1.9 for a in aspects) >= 40  # both ends filled
+    assert all(min(r["width"], r["height"]) >= 150 for r in rows)
+    languaged = [r for r in rows if r["language"]]
+    wrong = sum(not r["caption_correct"] for r in languaged) / len(languaged)
+    assert 0.22 <= wrong <= 0.38, wrong
+    for r in rows[:20]:  # the served pixels have the size the ground truth says
+        with Image.open(tmp_path / "w" / "web" / "img" / f"{r['id']:06d}.{r['format'].replace('jpeg', 'jpg')}") as im:
+            assert im.size == (r["width"], r["height"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--aspect-ratios", "2.5:0.5"], "0 < LOW <= HIGH"),
+    (["--aspect-ratios", "wide"], "LOW:HIGH"),
+    (["--wrong-captions", "1.5"], "between 0 and 1")])
+def test_make_refuses_bad_world_options_in_one_line(tmp_path, capsys, argv, message):
+    from clipfleet.producer.cli import main
+    assert main(["sandbox", "make", str(tmp_path / "w"), "--samples", "5", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -10,8 +10,10 @@ On CUDA, JPEGs are decoded on the GPU in batches (`torchvision.io.decode_jpeg(de
 and resized, cropped and normalised there: CPU preprocessing is what held clip-retrieval back
 on GPUs. Other formats, and JPEGs nvjpeg refuses, take the CPU path.
 
-The CPU path applies the model's own preprocess to a PIL image, so what the stage computes
-is exactly what a direct model call on the same file computes.
+Both paths first cut the picture out of the download's letterbox (shared/images.py: `border`
+mode pads a wide image to a square) and give the model its own preprocessing of the picture
+alone. The CPU path applies the model's preprocess to that PIL image, so what the stage computes
+is exactly what a direct model call on the picture computes.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from clipfleet.shared.images import picture, picture_chw
 from clipfleet.workers.clip.reader import Sample
 
 log = logging.getLogger("clipfleet.clip")
@@ -53,16 +56,17 @@ class Batch:
 
 
 class CpuPreprocess:
-    """The model's own preprocess on a PIL image, in the decode pool."""
+    """The model's own preprocess on the picture (PIL), in the decode pool. `resize_mode` is how
+    the download stored the images (the run's --resize-mode): it says where padding may be."""
 
-    def __init__(self, encoder, pool: ThreadPoolExecutor):
-        self.encoder, self.pool = encoder, pool
+    def __init__(self, encoder, pool: ThreadPoolExecutor, resize_mode: str | None = None):
+        self.encoder, self.pool, self.resize_mode = encoder, pool, resize_mode
 
-    def _pixels(self, data: bytes):
-        return self.encoder.preprocess(decode_pil(data))
+    def _pixels(self, sample: Sample):
+        return self.encoder.preprocess(picture(decode_pil(sample.data), sample.row, self.resize_mode))
 
     def submit(self, sample: Sample) -> Future | None:
-        return self.pool.submit(self._pixels, sample.data)
+        return self.pool.submit(self._pixels, sample)
 
     def _gather(self, pending: list[tuple[Sample, Future]]):
         """(decoded samples, their pixel tensors, failures) once the pool is done with them."""
@@ -91,8 +95,8 @@ class CudaJpegPreprocess(CpuPreprocess):
     Bicubic resizing with antialiasing on the GPU differs from PIL's by rounding only
     (bench/gpu.py prints the largest similarity difference)."""
 
-    def __init__(self, encoder, pool: ThreadPoolExecutor):
-        super().__init__(encoder, pool)
+    def __init__(self, encoder, pool: ThreadPoolExecutor, resize_mode: str | None = None):
+        super().__init__(encoder, pool, resize_mode)
         self.params = gpu_transform_params(encoder.preprocess, device="cuda")
 
     def submit(self, sample: Sample) -> Future | None:
@@ -111,7 +115,8 @@ class CudaJpegPreprocess(CpuPreprocess):
         parts = [torch.stack(tensors).pin_memory().to("cuda", non_blocking=True)] if tensors else []
         on_gpu = [(s, image) for s, image in zip(jpegs, decoded) if image is not None]
         if on_gpu:
-            parts.append(torch.stack([resize_crop_normalize(image, self.params) for _, image in on_gpu]))
+            parts.append(torch.stack([resize_crop_normalize(picture_chw(image, s.row, self.resize_mode), self.params)
+                                      for s, image in on_gpu]))
         samples = ok + [s for s, _ in on_gpu]
         if not samples:
             return Batch(name, [], None, None, failed)
@@ -180,10 +185,11 @@ def decode_pool(threads: int, name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=_one_torch_thread)
 
 
-def preprocessor(encoder, pool: ThreadPoolExecutor, gpu_decode: bool = True):
+def preprocessor(encoder, pool: ThreadPoolExecutor, gpu_decode: bool = True, resize_mode: str | None = None):
+    """`resize_mode`: the run's --resize-mode, so a letterbox is cut off (None: images hold no padding)."""
     if encoder.device == "cuda" and gpu_decode:
-        return CudaJpegPreprocess(encoder, pool)
-    return CpuPreprocess(encoder, pool)
+        return CudaJpegPreprocess(encoder, pool, resize_mode)
+    return CpuPreprocess(encoder, pool, resize_mode)
 
 
 _DONE = object()

@@ -93,7 +93,9 @@ class ClipStage(Stage):
         def route(sample: Sample) -> str:
             return self.models[bucket(sample.language)]
 
-        preprocessors = {name: preprocessor(enc, self.pool(), self.gpu_decode) for name, enc in encoders.items()}
+        stored_as = self.run_config.download.resize_mode  # the model sees the picture, not the padding
+        preprocessors = {name: preprocessor(enc, self.pool(), self.gpu_decode, stored_as)
+                         for name, enc in encoders.items()}
         encoded = 0
         for batch in prepared_batches(encodable(downloaded_samples(store, shard, rows)), route, preprocessors,
                                       self.options.clip_batch_size):

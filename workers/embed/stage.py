@@ -72,7 +72,8 @@ class EmbedStage(Stage):
         encoded = 0
         if todo:
             samples = (s for s in downloaded_samples(store, shard, list(rows.values())) if s.key in todo)
-            for batch in prepared_batches(samples, lambda s: enc.name, {enc.name: preprocessor(enc, self.pool())},
+            prep = preprocessor(enc, self.pool(), resize_mode=self.run_config.download.resize_mode)
+            for batch in prepared_batches(samples, lambda s: enc.name, {enc.name: prep},
                                           self.options.embed_batch_size):
                 if batch.failed:  # the filter decoded these same bytes; failing now is not data
                     raise RuntimeError(f"embed {shard}: {len(batch.failed)} kept images no longer decode, "

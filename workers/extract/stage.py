@@ -20,6 +20,7 @@ so a broken record is counted only when it could have held a pair.
 from __future__ import annotations
 
 from collections import Counter, deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,10 +32,20 @@ from clipfleet.workers.app import broker_redis
 from clipfleet.workers.extract.dedup import RunDedup, bucket_bits, dedup_namespace, url_digest
 from clipfleet.workers.extract.rules import extract_pairs
 from clipfleet.workers.extract.shards import UrlShardWriter
-from clipfleet.workers.extract.wat import open_wat
+from clipfleet.workers.extract.wat import NoWarcRecords, open_wat
 
 CLAIM_BATCH = 2000    # URLs per Redis round trip
 CLAIMS_IN_FLIGHT = 8  # claim batches sent ahead of the pairs they decide
+
+
+@contextmanager
+def _naming(wat: str):
+    """A file no record could be read from fails its shard (not marked done with 0 pairs), and
+    the message says which file, so the user fixes that one and runs again."""
+    try:
+        yield
+    except NoWarcRecords as exc:
+        raise NoWarcRecords(f"{wat}: {exc}") from None
 
 
 class ExtractStage(Stage):
@@ -83,8 +94,8 @@ class ExtractStage(Stage):
                 digests.clear()
                 write_claimed(block=False)
 
-            with open_wat(wat) as source:
-                metas = "page-meta" not in self.run_config.download.not_honoured  # --respect
+            metas = "page-meta" not in self.run_config.download.not_honoured  # --respect
+            with open_wat(wat) as source, _naming(wat):
                 for pair in extract_pairs(source, cfg, stats, metas):
                     digest = url_digest(f"{pair[0]}\n{pair[1]}" if by_uid else pair[0])
                     if digest in seen:

@@ -1,6 +1,12 @@
 """Reading a WAT: a stream from a path, http(s):// or s3://, and the JSON payloads of its
 metadata records that may hold image links. A cut-off file, a broken tail or a network
-failure is told apart and counted, never a crash (tests/workers/extract/test_wat_reading.py)."""
+failure is told apart and counted, never a crash (tests/workers/extract/test_wat_reading.py).
+
+Records are read in fastwarc's quirks mode, so an excerpt whose headers end in LF instead of
+CRLF (what an editor or a copy through a text tool makes of a WAT) is read as the WAT it is.
+A file from which no WARC record at all can be read raises NoWarcRecords: its shard fails with
+a message naming the file, instead of being marked done with 0 pairs, so fixing the file and
+running again does the work."""
 from __future__ import annotations
 
 import io
@@ -52,7 +58,7 @@ class _SourceReader(io.RawIOBase):
             self.error = exc
             raise
         if self.position == 0:
-            self.head = data[:2]
+            self.head = data[:16]  # what the file starts with, for messages and the gzip check
         self.position += len(data)
         self.tail += data
         if len(self.tail) > 2 * self.TAIL_BYTES:
@@ -66,6 +72,10 @@ class _SourceReader(io.RawIOBase):
 
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
+
+
+class NoWarcRecords(ValueError):
+    """Not one WARC record could be read from the file: not a WARC/WAT file, or empty."""
 
 
 def gzip_tail_truncated(tail: bytes) -> bool:
@@ -97,10 +107,14 @@ def iter_record_payloads(source, stats: Counter) -> Iterator[bytes]:
     """
     from fastwarc.warc import ArchiveIterator, WarcRecordType
     reader = _SourceReader(source)
-    records = ArchiveIterator(reader, record_types=WarcRecordType.metadata, parse_http=False)
-    count = 0
+    # Every type, so a WAT whose first records are not metadata (warcinfo) still counts as read.
+    records = ArchiveIterator(reader, parse_http=False, quirks_mode=True)
+    count = readable = 0
     try:
-        for count, record in enumerate(records, 1):
+        for readable, record in enumerate(records, 1):
+            if record.record_type != WarcRecordType.metadata:
+                continue
+            count += 1
             body = record.reader.read()
             if len(body) < record.content_length:
                 stats["truncated_record"] += 1
@@ -116,5 +130,11 @@ def iter_record_payloads(source, stats: Counter) -> Iterator[bytes]:
     finally:
         if count:  # an empty file has no count at all, as every reason that never happened
             stats["records"] += count
-    if reader.head == GZIP_MAGIC[:2] and gzip_tail_truncated(bytes(reader.tail)):
+    gzipped = reader.head[:2] == GZIP_MAGIC[:2]
+    if gzipped and gzip_tail_truncated(bytes(reader.tail)):
         stats["truncated_gzip"] += 1
+    if not readable:
+        kind = "empty" if reader.position == 0 else (
+            f"{reader.position} bytes, " + ("gzip" if gzipped else f"starting {reader.head!r}"))
+        raise NoWarcRecords(f"no WARC record could be read ({kind}): not a WARC/WAT file, or cut off "
+                            f"before its first record")

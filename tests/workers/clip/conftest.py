@@ -52,19 +52,41 @@ def session_redis(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def downloaded(tmp_path_factory, session_redis) -> Downloaded:
-    world = tmp_path_factory.mktemp("clip-world")
-    make_sandbox(world, samples=WORLD_SAMPLES, port=free_port(), seed=21, wat_files=1)
-    truth = pq.read_table(world / "ground_truth" / "images.parquet").to_pylist()
-    store_uri = str(tmp_path_factory.mktemp("downloaded") / "store")
+    return download_world(tmp_path_factory, session_redis, "clip-world", samples=WORLD_SAMPLES, seed=21,
+                          resize_mode="keep_ratio")
+
+
+ASPECT_SAMPLES = 480
+ASPECT_SHARD_SIZE = 160
+ASPECT_SHARDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="session")
+def letterboxed(tmp_path_factory, session_redis) -> Downloaded:
+    """A world of aspect ratios from 1:2 to 2.5:1 with 30% wrong captions, stored in img2dataset's
+    default `border` mode: a wide image is a strip inside a white square."""
+    return download_world(tmp_path_factory, session_redis, "aspect-world", samples=ASPECT_SAMPLES, seed=5,
+                          resize_mode="border", shard_size=ASPECT_SHARD_SIZE, wrong_caption_share=0.3,
+                          aspects=(0.5, 2.5))
+
+
+def download_world(tmp_path_factory, redis_url: str, name: str, samples: int, seed: int, resize_mode: str,
+                   shard_size: int = SHARD_SIZE, **world) -> Downloaded:
+    """A sandbox world (`world`: make_sandbox's options) downloaded by the real download stage into
+    image shards of `shard_size`, stored as `resize_mode` says."""
+    world_dir = tmp_path_factory.mktemp(name)
+    make_sandbox(world_dir, samples=samples, port=free_port(), seed=seed, wat_files=1, **world)
+    truth = pq.read_table(world_dir / "ground_truth" / "images.parquet").to_pylist()
+    store_uri = str(tmp_path_factory.mktemp(f"{name}-downloaded") / "store")
     store = Store(store_uri)
     cfg = RunConfig.make(store=store_uri, input_kind="urls", until="download", allow_private_addresses=True,
-                         download_timeout=10.0, resize_mode="keep_ratio", domain_max_concurrency=64, domain_max_rate=0.0,
-                         shard_size=SHARD_SIZE)
+                         download_timeout=10.0, resize_mode=resize_mode, domain_max_concurrency=64,
+                         domain_max_rate=0.0, shard_size=shard_size)
     cfg.save(store)
-    with SandboxServer(world):
-        stage = DownloadStage(cfg, limiter=DomainLimiter(redis.Redis.from_url(session_redis), domain_limits(cfg.download)))
-        for shard in SHARDS:
-            part = truth[shard * SHARD_SIZE:(shard + 1) * SHARD_SIZE]
+    with SandboxServer(world_dir):
+        stage = DownloadStage(cfg, limiter=DomainLimiter(redis.Redis.from_url(redis_url), domain_limits(cfg.download)))
+        for shard in range(-(-len(truth) // shard_size)):
+            part = truth[shard * shard_size:(shard + 1) * shard_size]
             buf = io.BytesIO()
             pq.write_table(pa.table({
                 "url": [r["url"] for r in part], "caption": [r["caption"] for r in part],
@@ -74,7 +96,7 @@ def downloaded(tmp_path_factory, session_redis) -> Downloaded:
             store.write_bytes(layout.url_shard(shard), buf.getvalue())
             marker = execute(stage, store, shard)
             assert marker["stats"]["success"] == len(part), marker["stats"]
-    return Downloaded(store_uri, {r["url"]: r for r in truth}, world)
+    return Downloaded(store_uri, {r["url"]: r for r in truth}, world_dir)
 
 
 def copy_images(downloaded: Downloaded, store_uri: str, shards=SHARDS) -> Store:
@@ -88,8 +110,9 @@ def copy_images(downloaded: Downloaded, store_uri: str, shards=SHARDS) -> Store:
 
 
 def clip_run(store_uri: str, until: str = "clip", **options) -> RunConfig:
-    """A saved run config for the CLIP (and embed) stages on the sandbox, `shapes` everywhere."""
+    """A saved run config for the CLIP (and embed) stages on the sandbox, `shapes` everywhere;
+    resize_mode is how the images were stored (keep_ratio, as `downloaded` stores them, unless given)."""
     cfg = RunConfig.make(store=store_uri, input_kind="urls", until=until, shard_size=SHARD_SIZE,
-                         **{**SHAPES, **options})
+                         **{"resize_mode": "keep_ratio", **SHAPES, **options})
     cfg.save(Store(store_uri))
     return cfg

@@ -52,3 +52,30 @@ def test_tensor_preprocessing_leaves_similarities_within_001(jpegs, downloaded):
 def test_a_preprocess_that_is_not_clips_eval_transform_keeps_the_cpu_path():
     from torchvision import transforms as T
     assert gpu_transform_params(T.Compose([T.RandomResizedCrop(64), T.ToTensor()]), device="cpu") is None
+
+
+def test_both_paths_give_the_model_the_picture_without_its_letterbox(letterboxed, tmp_path):
+    """GPU path arithmetic (on CPU tensors) and the PIL path cut the same box off a `border`
+    image and agree; the model sees something else than the padded square."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipfleet.shared.images import picture_chw
+    from clipfleet.workers.clip.batches import CpuPreprocess
+    from clipfleet.workers.clip.reader import downloaded_samples, read_rows
+
+    store = copy_images(letterboxed, str(tmp_path / "store"), shards=(0,))
+    enc = encoder("shapes", "cpu", "fp32")
+    params = gpu_transform_params(enc.preprocess, device="cpu")
+    wide = [s for s in downloaded_samples(store, 0, read_rows(store, 0))
+            if s.row["original_width"] / s.row["original_height"] > 1.6][:16]
+    assert len(wide) == 16
+    with ThreadPoolExecutor(1) as pool:
+        cpu = CpuPreprocess(enc, pool, "border")
+        for sample in wide:
+            pil = cpu._pixels(sample)
+            tensor = decode_jpeg(torch.frombuffer(bytearray(sample.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            cut = picture_chw(tensor, sample.row, "border")
+            assert cut.shape[2] == 256 and cut.shape[1] < 160  # the strip, not the square
+            assert float((resize_crop_normalize(cut, params) - pil).abs().mean()) < 0.02
+            padded = enc.preprocess(Image.open(io.BytesIO(sample.data)))
+            assert float((padded - pil).abs().mean()) > 0.1

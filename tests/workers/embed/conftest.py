@@ -1,2 +1,2 @@
 """The embed tests use the CLIP tests' world: sandbox shards downloaded by the real download stage."""
-from tests.workers.clip.conftest import downloaded, session_redis  # noqa: F401
+from tests.workers.clip.conftest import downloaded, letterboxed, session_redis  # noqa: F401

@@ -131,3 +131,36 @@ def test_autofaiss_and_embedding_reader_read_the_folder_as_it_is(tmp_path, downl
         shard = 0 if first in {m["key"] for m in metadata(store, 0)} else 1
         np.testing.assert_array_equal(embeddings[0], npy(store, layout.image_embeddings(shard))[rows[first]])
     assert sorted(read_keys) == sorted(m["key"] for shard in SHARDS for m in metadata(store, shard))
+
+
+def test_embeddings_of_letterboxed_images_are_those_of_the_picture(tmp_path, letterboxed):
+    """Stored in `border` mode, a wide image is embedded as its picture: what the model gives on
+    the strip cut out of the padding, not on the padded square."""
+    from clipfleet.shared.images import picture
+    from tests.workers.clip.conftest import ASPECT_SHARDS
+
+    shard = ASPECT_SHARDS[0]
+    store_uri = str(tmp_path / "store")
+    copy_images(letterboxed, store_uri, shards=(shard,))
+    # Different precisions: the embed stage encodes everything itself, no reuse of the filter's.
+    cfg = clip_run(store_uri, until="embed", resize_mode="border", embed_precision="fp32")
+    store = Store(store_uri)
+    execute(ClipStage(cfg), store, shard)
+    marker = execute(EmbedStage(cfg), store, shard)
+    meta = metadata(store, shard)
+    assert marker["stats"]["encoded"] == len(meta) >= 80
+
+    rows = {r["key"]: r for r in letterboxed.rows(shard)}
+    model, preprocess, _ = load_clip("shapes")
+    with tarfile.open(fileobj=io.BytesIO(store.read_bytes(layout.image_shard(shard)))) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    images = [Image.open(io.BytesIO(files[f"{m['key']}.jpg"])) for m in meta]
+    with torch.no_grad():
+        cut = model.encode_image(torch.stack([preprocess(picture(i, rows[m["key"]], "border"))
+                                              for i, m in zip(images, meta)]), normalize=True).numpy()
+        padded = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True).numpy()
+    img = npy(store, layout.image_embeddings(shard)).astype(np.float32)
+    np.testing.assert_allclose(img, cut, atol=FLOAT16_TOLERANCE)
+    wide = np.array([m["width"] / m["height"] > 1.6 for m in meta])
+    assert wide.sum() >= 10
+    assert float(np.abs(img[wide] - padded[wide]).max()) > 0.1  # the padded square is another picture

@@ -64,3 +64,29 @@ def test_run_until_extract_then_resume(sandbox, tmp_path):
     assert "nothing to do: all 3 extract tasks already done" in again.stdout
     assert "starting an embedded fleet" not in again.stderr
     assert {m["shard"]: m for m in store.markers("extract")} == markers
+
+
+def test_a_wat_no_record_can_be_read_from_fails_naming_itself_and_a_fixed_file_runs(tmp_path):
+    """Not a done shard with 0 pairs: the run fails, says which file and why; once the file is
+    fixed, the same command does its work."""
+    from tests.workers.extract.test_wat_reading import pages
+    from tests.workers.extract.watfile import write_wat
+
+    good, bad = tmp_path / "good.warc.wat.gz", tmp_path / "excerpt.warc.wat.gz"
+    write_wat(good, pages(30))
+    bad.write_bytes(b"<html><body>403 Forbidden: this is not the WAT you asked for</body></html>\n")
+    store_uri = str(tmp_path / "store")
+    first = clipfleet_run([str(good), str(bad)], store_uri, tmp_path / "state")
+    said = first.stdout + first.stderr
+    assert first.returncode != 0, said[-3000:]
+    assert f"{bad}: no WARC record could be read" in said, said[-3000:]
+    store = Store(store_uri)
+    assert [m["shard"] for m in store.markers("extract")] == [0]  # the good file's segment only
+    [letter] = store.deadletters("extract")
+    assert letter["shard"] == 1 and str(bad) in str(letter) and "no WARC record could be read" in str(letter)
+
+    write_wat(bad, [p for p in pages(50)][30:])  # the file fixed: pages the good one does not have
+    again = clipfleet_run([str(good), str(bad)], store_uri, tmp_path / "state")
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    markers = {m["shard"]: m for m in store.markers("extract")}
+    assert sorted(markers) == [0, 1] and markers[1]["stats"]["pairs"] == 20

@@ -9,7 +9,7 @@ import pytest
 from clipfleet.shared.pipeline import TransientError
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.workers.extract.rules import extract_pairs
-from clipfleet.workers.extract.wat import iter_record_payloads, open_wat
+from clipfleet.workers.extract.wat import NoWarcRecords, iter_record_payloads, open_wat
 from tests.workers.extract.watfile import img, response_record, write_wat
 
 CFG = RunConfig.make(store="unused").extract
@@ -78,11 +78,28 @@ def test_non_utf8_record_is_skipped(tmp_path):
 
 @pytest.mark.parametrize("content", [b"", b"this is not a WARC file at all\n" * 100,
                                      b"\x1f\x8b\x08\x00garbage that is not deflate" * 10])
-def test_files_that_are_not_wat_yield_nothing(tmp_path, content):
+def test_files_that_are_not_wat_raise_no_warc_records(tmp_path, content):
     path = tmp_path / "junk.wat.gz"
     path.write_bytes(content)
+    with pytest.raises(NoWarcRecords, match="no WARC record could be read") as caught:
+        read_pairs(path)
+    assert ("empty" if not content else f"{len(content)} bytes") in str(caught.value)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_an_excerpt_with_lf_line_ends_is_read_as_the_wat_it_is(tmp_path, compress):
+    """An excerpt copied through a text tool: every CRLF of the WARC framing became LF."""
+    import gzip
+    plain = tmp_path / "a.wat"
+    write_wat(plain, pages(20), compress=False)
+    data = plain.read_bytes()
+    assert data.count(b"\r\n") > 100
+    lf = data.replace(b"\r\n", b"\n")
+    path = tmp_path / ("lf.wat.gz" if compress else "lf.wat")
+    path.write_bytes(gzip.compress(lf) if compress else lf)
     pairs, stats = read_pairs(path)
-    assert pairs == []
+    assert pairs == read_pairs(plain)[0] and len(pairs) == 20
+    assert stats["records"] == 20 and "unreadable_tail" not in stats
 
 
 def test_a_failing_source_is_transient():
