@@ -136,3 +136,29 @@ def test_claim_nodes_take_one_kind_of_backend():
     assert isinstance(RunDedup(redis.Redis(port=1), "cf:dedup:x", bits=8).nodes, ClaimNodes)
     with pytest.raises(ValueError, match="no URL"):
         connect(())
+
+
+def test_a_run_claims_on_the_cluster_it_is_given(sandbox, tmp_path):
+    """`clipfleet run --until extract --dedup-redis <a cluster node>` with its own fleet: the
+    worker processes claim every URL on the cluster (none in the broker), each kept once."""
+    import os
+    import subprocess
+    import sys
+
+    from clipfleet.shared.storage import Store
+    with redis_cluster(tmp_path / "cluster", nodes=3) as cluster:
+        store_uri = str(tmp_path / "store")
+        proc = subprocess.run(
+            [sys.executable, "-m", "clipfleet.producer.cli", "run", "--wat", *sandbox.wats, "--store", store_uri,
+             "--until", "extract", "--dedup-redis", cluster.urls[2]],
+            env={**os.environ, "CLIPFLEET_STATE_DIR": str(tmp_path / "state")}, capture_output=True, text=True,
+            timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        store = Store(store_uri)
+        rows = [r for name in store.list("urls") for r in pq.read_table(store.path(f"urls/{name}")).to_pylist()]
+        urls = Counter(r["url"] for r in rows)
+        assert set(urls) == {t["url"] for t in sandbox.truth} and set(urls.values()) == {1}
+        records = sum(len(page) // 7 for i in range(3) for key in cluster.client(i).scan_iter("cf:dedup:*")
+                      for page in cluster.client(i).hvals(key))
+        assert records == len(rows)  # one claim per kept URL, all of them on the cluster
+        assert RunConfig.load(store).extract.dedup_redis == (cluster.urls[2],)
