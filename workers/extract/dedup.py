@@ -75,6 +75,7 @@ RECORD_BYTES = 7         # 4-byte suffix + 3-byte owner
 PAGE_RECORDS = 9         # 63 bytes: Redis keeps a hash compact while each value is <= 64 bytes
 MAX_OWNER = 2**24 - 1    # the owner is a segment number in 3 bytes
 MAX_BITS = 64 - SUB_BITS - SUFFIX_BITS
+MAX_BATCH = 50_000       # digests per call
 
 # Buckets of about this many URLs: enough that a key's own cost (~100 B) is small per URL,
 # few enough that a bucket stays one compact hash (<= 512 fields) even at 15x the estimate.
@@ -153,6 +154,8 @@ class RunDedup:
             return []
         if not 0 <= owner <= MAX_OWNER:
             raise ValueError(f"dedup owner (segment) {owner} is outside 0..{MAX_OWNER}")
+        if len(digests) > MAX_BATCH:  # a call numbers its keys in 2 bytes
+            return self.claim(digests[:MAX_BATCH], owner) + self.claim(digests[MAX_BATCH:], owner)
         d = np.frombuffer(b"".join(digests), dtype=">u8").astype(np.uint64)
         bucket = d >> np.uint64(64 - self.bits)
         subs = ((d >> np.uint64(64 - self.bits - SUB_BITS)) & np.uint64(2**SUB_BITS - 1)).astype(np.uint8)

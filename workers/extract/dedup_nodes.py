@@ -61,7 +61,8 @@ def connect(spec) -> "ClaimNodes":
             continue
         if enabled:
             kwargs = {k: v for k, v in client.connection_pool.connection_kwargs.items()
-                      if k in ("username", "password", "ssl")}
+                      if k in ("username", "password")}
+            kwargs["ssl"] = urls[0].startswith("rediss://")
             nodes = [ClusterNode(c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
                      for c in clients if "host" in c.connection_pool.connection_kwargs]
             return ClaimNodes(cluster=RedisCluster(startup_nodes=nodes, **kwargs, **_TIMEOUTS))

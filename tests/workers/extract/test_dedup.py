@@ -200,3 +200,12 @@ def test_shards_split_across_batches(tmp_path, redis_url, monkeypatch):
     assert [len(pq.read_table(f)) for f in sorted(result.files.values())] == [17] * 7 + [1]
     with open_wat(str(path)) as source:
         assert [(r["url"], r["caption"], r["page_url"]) for r in rows] == list(extract_pairs(source, CFG, Counter()))
+
+
+def test_a_batch_larger_than_one_call_is_split(redis_url, monkeypatch):
+    from clipfleet.workers.extract import dedup as dedup_module
+    monkeypatch.setattr(dedup_module, "MAX_BATCH", 7)
+    dedup = RunDedup(redis.Redis.from_url(redis_url), "cf:dedup:split", bits=8)
+    urls = [f"http://example.org/{i}.jpg" for i in range(30)]
+    assert dedup.claim(digests(*urls[:20]), owner=1) == [True] * 20
+    assert dedup.claim(digests(*urls), owner=2) == [False] * 20 + [True] * 10
