@@ -51,7 +51,8 @@ DEFAULTS = {
     "metadata_bytes_per_sample": Figure(450, "LAION-5B: 2.65 TB of metadata for 5.85 billion samples"),
     "index_bytes_per_vector": Figure(136, "assumed: 128-byte PQ codes + an 8-byte id (autofaiss's typical key "
                                           "for billions of vectors), image and text indices"),
-    "dedup_bytes_per_url": Figure(16.1, "ops/dedup.md: measured Redis memory per claimed URL"),
+    "dedup_bytes_per_url": Figure(8.24, "measured: `python -m bench.scale dedup`, INFO used_memory per URL "
+                                        "after 10 M claims, redis-server 6.2.14 (ops/dedup.md)"),
     "politeness_bytes_per_host": Figure(278, "measured: redis-server 6.2 used_memory per host hash (20 000 hosts)"),
     "distinct_host_share": Figure(0.5, "assumed: share of fetches in a 10-minute window that go to a host not "
                                        "fetched from in that window (Common Crawl links seldom share a domain)"),
@@ -137,10 +138,10 @@ def make_plan(samples: float, days: float, measured: dict[str, Figure] | None = 
                       "WAT files in": segments * v["wat_bytes"] / seconds,
                       "to the store": downloaded * v["bytes_per_image"] / seconds}
     if claims > v["redis_node_gb"] * 1e9:
-        per_crawl = math.ceil(claims / (v["redis_node_gb"] * 1e9))
+        nodes = math.ceil(claims / (v["redis_node_gb"] * 1e9))
         plan.notes.append(f"dedup claims ({claims / 1e9:,.0f} GB) exceed one {v['redis_node_gb']:.0f} GB Redis node: "
-                          f"run one store per crawl (or split buckets over {per_crawl}+ nodes) and remove "
-                          "cross-crawl duplicates offline, as ops/dedup.md describes")
+                          f"spread them over {nodes}+ nodes with --dedup-redis (a node list or a Redis Cluster), "
+                          "or run one store per crawl (ops/dedup.md)")
     plan.notes.append(f"{candidates:,.0f} candidates from about {segments:,.0f} WAT segments; "
                       f"{downloaded:,.0f} images downloaded and judged; {samples:,.0f} published")
     return plan
@@ -176,6 +177,11 @@ def from_bench(path: str) -> dict[str, Figure]:
         rate = gpu.get(key.replace("_gpu_per_s", "_samples_per_s"))
         if rate:
             out[key] = Figure(rate, f"{path}: {name} on {gpu.get('device', 'a GPU')}")
+    dedup = (results.get("scale") or results.get("bench.scale") or {}).get("dedup") or {}
+    if dedup.get("bytes_per_url"):
+        out["dedup_bytes_per_url"] = Figure(dedup["bytes_per_url"], f"{path}: bench.scale dedup, INFO used_memory "
+                                            f"per URL after {dedup.get('urls', 0):,} claims "
+                                            f"(redis {dedup.get('redis_version', '?')}, {dedup.get('allocator', '?')})")
     if not out:
         raise ValueError(f"{path} holds no throughput this plan can use (run `make bench`)")
     return out

@@ -33,9 +33,10 @@ def test_laion_5b_plan_works_back_from_the_published_samples():
     assert rows["gpu-embed"]["workers"] == math.ceil(32 / util)  # LAION's 32 A100s, at 70% busy
     assert rows["cpu-download"]["workers"] == math.ceil(50e9 / SECONDS / (650 * util))
     assert plan.storage["embeddings/ (image + text, float16)"] == 5.85e9 * 768 * 2 * 2
-    assert plan.redis["dedup claims"] == pytest.approx(50e9 * 16.1)
+    assert plan.redis["dedup claims"] == pytest.approx(50e9 * DEFAULTS["dedup_bytes_per_url"].value)
+    assert plan.redis["dedup claims"] <= 50e9 * 10  # the claim layout's measured <= 10 B a URL
     assert plan.bandwidth["images in"] == pytest.approx(50e9 * 0.7 / SECONDS * 120_000)
-    assert any("exceed one 64 GB Redis node" in n for n in plan.notes)
+    assert any("exceed one 64 GB Redis node" in n and "--dedup-redis" in n for n in plan.notes)
     # every assumption is stated with where it came from
     assert all(f.source for f in plan.figures.values())
 
@@ -62,6 +63,7 @@ def test_figures_from_bench_results(tmp_path):
         "bench.extract": {"wat_records": 30000, "clipfleet_records_per_s": 12000, "clipfleet_pairs_kept": 120000},
         "bench.download": {"clipfleet_samples_per_s": 1300.0, "processes": 2, "threads": 64},
         "bench.tag": {"l14_stage_tags_per_s_per_core": 40000},
+        "scale": {"dedup": {"bytes_per_url": 8.5, "urls": 10_000_000, "redis_version": "6.2.14"}},
     }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
@@ -69,12 +71,26 @@ def test_figures_from_bench_results(tmp_path):
     assert figures["extract_pairs_per_s"].value == 12000 * 4
     assert figures["download_cpu_per_s"].value == 650
     assert figures["tag_per_s"].value == 40000
+    assert figures["dedup_bytes_per_url"].value == 8.5
     assert all(str(path) in f.source for f in figures.values())
     proc = cli("--samples", "1e8", "--days", "2", "--from-bench", str(path), "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert plan["queues"]["cpu-extract"]["per_worker_per_s"] == 48000
     assert plan["assumptions"]["download_cpu_per_s"]["source"].startswith(str(path))
+    assert plan["redis_bytes"]["dedup claims"] == pytest.approx(plan["queues"]["cpu-extract"]["work"] * 8.5)
+
+
+def test_plan_uses_the_measured_dedup_figure(tmp_path):
+    """bench.scale's figure alone is enough for --from-bench, and it is what the plan sizes Redis by."""
+    import bench.scale
+    path = tmp_path / "results.json"
+    bench.scale.write_results("dedup", {"bytes_per_url": 7.9, "urls": 10_000_000}, path)
+    bench.scale.write_results("other", {"x": 1}, path)  # a second part keeps the first
+    assert json.loads(path.read_text())["scale"]["dedup"]["bytes_per_url"] == 7.9
+    plan = json.loads(cli("--samples", "5.85e9", "--days", "7", "--from-bench", str(path), "--json").stdout)
+    assert plan["redis_bytes"]["dedup claims"] == pytest.approx(50e9 * 7.9)
+    assert "10,000,000 claims" in plan["assumptions"]["dedup_bytes_per_url"]["source"]
 
 
 @pytest.mark.parametrize("content, message", [("not json", "cannot read bench results"),

@@ -29,7 +29,7 @@ from clipfleet.shared.pipeline import Stage, StageOutput, Stats
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
 from clipfleet.workers.app import broker_redis
-from clipfleet.workers.extract.dedup import RunDedup, bucket_bits, dedup_namespace, url_digest
+from clipfleet.workers.extract.dedup import RunDedup, bucket_bits, claims_redis, dedup_namespace, url_digest
 from clipfleet.workers.extract.rules import extract_pairs
 from clipfleet.workers.extract.shards import UrlShardWriter
 from clipfleet.workers.extract.wat import NoWarcRecords, open_wat
@@ -60,7 +60,7 @@ class ExtractStage(Stage):
     @property
     def dedup(self) -> RunDedup:
         if self._dedup is None:
-            client = self._redis if self._redis is not None else broker_redis()
+            client = self._redis if self._redis is not None else claims_redis(self.options, broker_redis)
             self._dedup = RunDedup(client, dedup_namespace(self.run_config),
                                    bucket_bits(len(self.run_config.inputs)))
         return self._dedup

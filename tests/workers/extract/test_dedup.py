@@ -12,7 +12,7 @@ import redis
 from clipfleet.shared.pipeline import TransientError
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.workers.extract import stage as extract
-from clipfleet.workers.extract.dedup import RunDedup, bucket_bits, dedup_namespace, url_digest
+from clipfleet.workers.extract.dedup import MAX_OWNER, SUB_BITS, RunDedup, bucket_bits, dedup_namespace, url_digest
 from clipfleet.workers.extract.rules import extract_pairs
 from clipfleet.workers.extract.stage import ExtractStage
 from clipfleet.workers.extract.wat import open_wat
@@ -126,9 +126,53 @@ def test_claims_land_in_the_bucket_python_computes(redis_url):
     dedup = RunDedup(client, "cf:dedup:buckets", bits=12)
     urls = [f"http://example.org/{i}.jpg" for i in range(500)]
     dedup.claim(digests(*urls), owner=7)
-    for d in digests(*urls):
-        assert client.hget(dedup.bucket_key(d), d) == b"7"
-    assert len(list(client.scan_iter("cf:dedup:buckets:*"))) > 100
+    keys = {k.decode() for k in client.scan_iter("cf:dedup:buckets:*")}
+    assert {dedup.bucket_key(d) for d in digests(*urls)} == keys and len(keys) > 100
+    assert [dedup.owner_of(d) for d in digests(*urls)] == [7] * 500
+    assert dedup.owner_of(url_digest("http://example.org/never.jpg")) is None
+    # compact: every bucket stays a packed hash, every page under Redis's 64-byte value limit
+    assert {client.object("encoding", k) for k in keys} <= {b"ziplist", b"listpack"}
+    assert max(len(v) for k in keys for v in client.hvals(k)) <= 63
+
+
+def _digest(bucket: int, sub: int, suffix: int, bits: int = 8) -> bytes:
+    """A digest with chosen bucket, page family and stored suffix (layout in dedup.py)."""
+    value = (bucket << (64 - bits)) | (sub << (64 - bits - SUB_BITS)) | (suffix << (64 - bits - SUB_BITS - 32))
+    return value.to_bytes(8, "big")
+
+
+def test_a_full_page_continues_and_matches_are_whole_records(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    dedup = RunDedup(client, "cf:dedup:pages", bits=8)
+    crowd = [_digest(3, 4, 0xA0000000 + i) for i in range(30)]  # one page family: 4 pages of 9
+    assert dedup.claim(crowd[:20], owner=7) == [True] * 20
+    assert dedup.claim(crowd, owner=8) == [False] * 20 + [True] * 10
+    assert dedup.claim(crowd, owner=7) == [True] * 20 + [False] * 10
+    assert [dedup.owner_of(d) for d in crowd] == [7] * 20 + [8] * 10
+    assert sorted(len(v) for v in client.hvals(dedup.bucket_key(crowd[0]))) == [21, 63, 63, 63]
+    # a page holds suffix A + owner 00 00 07 + suffix B...: bytes "00 07 B0 B1" straddle two
+    # records, so a digest with that suffix is a new URL, not a match
+    pair = [_digest(5, 1, 0x11111111), _digest(5, 1, 0xB0B1B2B3)]
+    assert dedup.claim(pair, owner=7) == [True, True]
+    straddling = _digest(5, 1, 0x0007B0B1)
+    assert dedup.claim([straddling], owner=9) == [True]
+    assert dedup.owner_of(straddling) == 9 and dedup.owner_of(pair[1]) == 7
+
+
+def test_owners_must_fit_three_bytes(redis_url):
+    dedup = RunDedup(redis.Redis.from_url(redis_url), "cf:dedup:owner", bits=8)
+    assert dedup.claim(digests("a"), owner=MAX_OWNER) == [True]
+    with pytest.raises(ValueError, match="owner"):
+        dedup.claim(digests("b"), owner=MAX_OWNER + 1)
+
+
+def test_memory_per_url_at_a_run_sized_bucket_count(redis_url):
+    """Redis's own figure (INFO used_memory) per claimed URL, at the bucket count extract picks
+    for this many URLs; `python -m bench.scale dedup` measures it at 10 M."""
+    from bench.scale import dedup_bytes_per_url
+    measured = dedup_bytes_per_url(redis_url, urls=300_000)
+    assert measured["urls"] == 300_000 and measured["bucket_bits"] == bucket_bits(1, 300_000)
+    assert 7 <= measured["bytes_per_url"] <= 10  # 7 B is one record; below it claims went missing
 
 
 def test_a_failing_claim_is_transient(tmp_path):
@@ -156,3 +200,12 @@ def test_shards_split_across_batches(tmp_path, redis_url, monkeypatch):
     assert [len(pq.read_table(f)) for f in sorted(result.files.values())] == [17] * 7 + [1]
     with open_wat(str(path)) as source:
         assert [(r["url"], r["caption"], r["page_url"]) for r in rows] == list(extract_pairs(source, CFG, Counter()))
+
+
+def test_a_batch_larger_than_one_call_is_split(redis_url, monkeypatch):
+    from clipfleet.workers.extract import dedup as dedup_module
+    monkeypatch.setattr(dedup_module, "MAX_BATCH", 7)
+    dedup = RunDedup(redis.Redis.from_url(redis_url), "cf:dedup:split", bits=8)
+    urls = [f"http://example.org/{i}.jpg" for i in range(30)]
+    assert dedup.claim(digests(*urls[:20]), owner=1) == [True] * 20
+    assert dedup.claim(digests(*urls), owner=2) == [False] * 20 + [True] * 10
