@@ -28,8 +28,8 @@ from clipfleet.shared.models.runtime import choose_device, encoder, split_thread
 from clipfleet.shared.pipeline import Stage, StageOutput, Stats
 from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store
-from clipfleet.workers.clip.batches import decode_pool, prepared_batches, preprocessor
-from clipfleet.workers.clip.reader import Sample, downloaded_samples, read_rows
+from clipfleet.workers.image_batches import decode_pool, prepared_batches, preprocessor
+from clipfleet.workers.image_reader import Sample, downloaded_samples, read_rows
 
 log = logging.getLogger("clipfleet.clip")
 

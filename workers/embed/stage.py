@@ -28,8 +28,8 @@ from clipfleet.shared import layout
 from clipfleet.shared.models.runtime import choose_device, encoder, split_threads
 from clipfleet.shared.pipeline import Stage, StageOutput, Stats
 from clipfleet.shared.storage import Store
-from clipfleet.workers.clip.batches import decode_pool, prepared_batches, preprocessor
-from clipfleet.workers.clip.reader import downloaded_samples, read_rows
+from clipfleet.workers.image_batches import decode_pool, prepared_batches, preprocessor
+from clipfleet.workers.image_reader import downloaded_samples, read_rows
 
 METADATA_SCHEMA = pa.schema([
     ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("similarity", pa.float32()),

@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clipfleet.shared.models.runtime import encoder
-from clipfleet.workers.clip.batches import gpu_transform_params, resize_crop_normalize
+from clipfleet.workers.image_batches import gpu_transform_params, resize_crop_normalize
 from tests.workers.clip.test_stage import tar_images
 from tests.workers.clip.conftest import copy_images
 
@@ -60,8 +60,8 @@ def test_both_paths_give_the_model_the_picture_without_its_letterbox(letterboxed
     from concurrent.futures import ThreadPoolExecutor
 
     from clipfleet.shared.images import picture_chw
-    from clipfleet.workers.clip.batches import CpuPreprocess
-    from clipfleet.workers.clip.reader import downloaded_samples, read_rows
+    from clipfleet.workers.image_batches import CpuPreprocess
+    from clipfleet.workers.image_reader import downloaded_samples, read_rows
 
     store = copy_images(letterboxed, str(tmp_path / "store"), shards=(0,))
     enc = encoder("shapes", "cpu", "fp32")

@@ -1,6 +1,7 @@
-"""Decode, preprocess and batch samples beside the model, never in its way.
+"""Decode, preprocess and batch samples beside the model, never in its way: the clip and embed
+stages both read their shards through this and image_reader.py.
 
-A background thread reads the shard (workers/clip/reader.py) and hands each image to a
+A background thread reads the shard (workers/image_reader.py) and hands each image to a
 decode pool as it arrives; when a model's bucket is full it stacks the pixels, tokenizes the
 captions and puts the batch in a short queue. The stage's own thread only runs the model, so
 reading, decoding, tokenizing and the forward pass of the previous batch all overlap.
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from clipfleet.shared.images import picture, picture_chw
-from clipfleet.workers.clip.reader import Sample
+from clipfleet.workers.image_reader import Sample
 
 log = logging.getLogger("clipfleet.clip")
 
