@@ -204,30 +204,29 @@ class RunState:
         out: list[StageState] = []
         expected, sizes, upstream = self.first_shards(), {}, True
         url_reader = REGISTRY.first("urls")  # the stage that reads URL shards: their rows are its samples
-        for stage in stages:
+        handed: int | None = None            # samples the stage before kept: this one's to expect
+        for i, stage in enumerate(stages):
+            if stage == url_reader and i > 0:  # retry-failed's shards (shared/retries.py) join the extracted ones
+                expected |= retry_shard_names(self.store)
+            if stage == url_reader and i == 0:
+                sizes = {n: self._url_rows(n) for n in expected}
+                handed = None if None in sizes.values() else sum(sizes.values())
             done = self.store.done(stage) & expected
             failed = self.failed(stage) - done
-            if stage == url_reader:
-                if stage != stages[0]:  # retry-failed's shards (shared/retries.py) join the extracted ones
-                    expected |= retry_shard_names(self.store)
-                sizes = {n: self._url_rows(n) for n in expected}
             summary = compacted(self.store, stage, done, self.marker)
             done &= summary.shards.keys()  # a marker that vanished while we looked is not done
-            known = [sizes.get(n) for n in expected]
-            state = StageState(stage, len(expected), len(done), len(failed), upstream,
-                               samples_expected=None if not known or None in known else sum(known),
+            state = StageState(stage, len(expected), len(done), len(failed), upstream, samples_expected=handed,
                                sets=_fixed(expected, done, failed))
             _fill(state, summary, done, sizes)
             out.append(state)
             upstream = upstream and state.complete
-            expected, sizes = set(), {}
+            handed, expected, sizes = state.samples_out if done else None, set(), {}
             for name in done:
                 row = summary.shards[name]
                 nxt = row.next_shards(name)
                 expected.update(nxt)
-                # a shard handed on as it is carries its kept samples to the next stage
-                for n in nxt:
-                    sizes[n] = row.samples_out if nxt == [name] else None
+                if nxt == [name]:  # handed on as it is: its kept samples are the next stage's for it
+                    sizes[name] = row.samples_out
         return out
 
     def _from_index(self, stages: list[str]) -> list[StageState]:

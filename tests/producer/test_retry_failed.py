@@ -15,7 +15,7 @@ from clipfleet.producer.fleet import free_port
 from clipfleet.sandbox.hosts import TestHost
 from clipfleet.sandbox.web import make_sandbox
 from clipfleet.shared import layout
-from clipfleet.shared.pipeline import shard_state
+from clipfleet.shared.runstate import RunState
 from clipfleet.shared.retries import RETRY_OFFSET, transient
 from clipfleet.shared.storage import Store
 
@@ -84,7 +84,7 @@ def test_retry_failed_recovers_a_transient_host_once_and_only_that(tmp_path):
         assert len(keys) == len(set(keys))  # no key twice
         stored = [r["url"] for r in rows + again if r["status"] == "success"]
         assert len(stored) == len(set(stored)) == 12  # each image stored once
-        assert {shard, retry} == {int(n) for n in shard_state(store, "download").expected}
+        assert {shard, retry} == {int(n) for n in RunState(store).stage("download").expected}
 
         twice = clipfleet(tmp_path, "retry-failed", "--store", store_uri)
         assert twice.returncode == 0 and "nothing to retry" in twice.stdout, twice.stdout
