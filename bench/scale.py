@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,19 +28,9 @@ BATCH = 2000  # extract's CLAIM_BATCH
 
 @contextmanager
 def _redis_server():
-    from clipfleet.producer.fleet import _wait_for, check_broker, find_redis_server, free_port
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="clipfleet-scale-") as directory:
-        proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", directory],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
-        try:
-            _wait_for(lambda: check_broker(url, 0.5) is None, "redis-server", 20, proc)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    from clipfleet.producer.fleet import scratch_redis
+    with tempfile.TemporaryDirectory(prefix="clipfleet-scale-") as directory, scratch_redis(directory) as url:
+        yield url
 
 
 def dedup_bytes_per_url(redis_url: str, urls: int = 10_000_000, urls_per_segment: int = 400_000,

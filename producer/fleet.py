@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,3 +242,20 @@ def start_fleet(queues: list[str], broker: str | None = None, store_key: str | N
         fleet.stop(grace=5)
         raise
     return fleet
+
+
+@contextmanager
+def scratch_redis(directory):
+    """A throwaway redis-server (no persistence) on a free loopback port, for tests and benches;
+    yields its URL and stops it on the way out."""
+    port = free_port()
+    proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait_for(lambda: check_broker(url, 0.5) is None, "redis-server", 20, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -45,6 +45,33 @@ class _Outage:
             raise RunError(why() if callable(why) else why)
 
 
+class _Compactor:
+    """Keeps the per-stage summaries of the markers (shared/summaries.py) up to date in the
+    background, every COMPACT_S, so `status` and the report after a run read few markers."""
+    COMPACT_S = 30.0
+
+    def __init__(self, run: RunState):
+        self.run, self.thread, self.next = run, None, time.monotonic() + self.COMPACT_S
+
+    def maybe(self) -> None:
+        if self.run.index is None or time.monotonic() < self.next or (self.thread and self.thread.is_alive()):
+            return  # without an index the follow loop reads the store path, which compacts as it goes
+        self.next = time.monotonic() + self.COMPACT_S
+        self.thread = threading.Thread(target=self._compact, daemon=True, name="compactor")
+        self.thread.start()
+
+    def _compact(self) -> None:
+        try:
+            RunState(self.run.store, self.run.cfg).compact()
+        except Exception as exc:  # a cache: the next round, or the next reader, catches up
+            log.warning("could not compact the run's summaries: %s", exc)
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+        self._compact()
+
+
 def held(holdings: dict, state: StageState, sweeper) -> Held:
     h = holdings.get(state.stage)
     out = Held(recovered=sweeper.recovered[state.stage] if sweeper is not None else 0)
@@ -62,6 +89,7 @@ def follow(run: RunState, fleet=None, poll_s: float = 1.0, show_progress: bool =
     are sent again; a broker or store unreachable for CLIPFLEET_BROKER_LOST_S ends the run with an
     error naming what is left."""
     bars = Bars(run.stages, show=show_progress)
+    compactor = _Compactor(run)
     holdings: dict = {}
     next_sweep, first_sweep = 0.0, True
     store_outage, broker_outage = _Outage(), _Outage()
@@ -94,7 +122,9 @@ def follow(run: RunState, fleet=None, poll_s: float = 1.0, show_progress: bool =
                                                      for s in states if s.pending))
             for state in states:
                 bars.draw(state, held(holdings, state, sweeper))
+            compactor.maybe()
             if settled:
+                compactor.wait()
                 return states
             if fleet is not None and fleet.dead():
                 raise RunError(f"fleet process exited: {', '.join(fleet.dead())}")

@@ -22,7 +22,7 @@ from clipfleet.shared.retries import retry_shard_names
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.stages import REGISTRY, load
 from clipfleet.shared.storage import DEADLETTER, MARKERS, Store, shard_name
-from clipfleet.shared.summaries import Summary, compacted
+from clipfleet.shared.summaries import Summary, compacted, url_rows
 
 log = logging.getLogger("clipfleet.runstate")
 
@@ -57,22 +57,11 @@ class StageState:
             self._loaded[kind] = self.sets(kind) if self.sets is not None else set()
         return self._loaded[kind]
 
-    @property
-    def expected(self) -> set[str]:
-        return self._set("expected")
-
-    @property
-    def done(self) -> set[str]:
-        return self._set("done")
-
-    @property
-    def failed(self) -> set[str]:
-        return self._set("failed")
-
-    @property
-    def pending(self) -> set[str]:
-        """Expected, neither done nor failed."""
-        return self._set("pending")
+    # shard name sets, loaded on first use; pending: expected, neither done nor failed
+    expected = property(lambda self: self._set("expected"))
+    done = property(lambda self: self._set("done"))
+    failed = property(lambda self: self._set("failed"))
+    pending = property(lambda self: self._set("pending"))
 
     @property
     def complete(self) -> bool:
@@ -114,8 +103,6 @@ def _is_count(value) -> bool:
 
 # (store uri, run created_at) -> {(stage, shard): marker}: markers never change once written.
 _MARKERS: dict = {}
-# (store uri, run created_at) -> {url shard name: rows}
-_URL_ROWS: dict = {}
 
 
 class RunState:
@@ -130,7 +117,6 @@ class RunState:
         self.index = index
         run = (store.uri, self.cfg.created_at)
         self._markers = _MARKERS.setdefault(run, {})
-        self._rows = _URL_ROWS.setdefault(run, {})
 
     @property
     def stages(self) -> list[str]:
@@ -177,6 +163,11 @@ class RunState:
                 if self.store.list(f"{MARKERS}/{s}") or self.store.list(f"{DEADLETTER}/{s}")]
 
     # -- the state of every stage ---------------------------------------------------------------
+    def compact(self) -> None:
+        """Bring the per-stage summaries up to date with the markers (the producer does this now
+        and then while it follows a run, so a later `status` or report reads few markers)."""
+        self._from_store(self.stages)
+
     def all(self, until: str | None = None) -> list[StageState]:
         """Every stage of the run, in order, up to `until` (included)."""
         stages = self.stages[:self.stages.index(until) + 1] if until else self.stages
@@ -209,7 +200,7 @@ class RunState:
             if stage == url_reader and i > 0:  # retry-failed's shards (shared/retries.py) join the extracted ones
                 expected |= retry_shard_names(self.store)
             if stage == url_reader and i == 0:
-                sizes = {n: self._url_rows(n) for n in expected}
+                sizes = url_rows(self.store, expected, self._url_rows)
                 handed = None if None in sizes.values() else sum(sizes.values())
             done = self.store.done(stage) & expected
             failed = self.failed(stage) - done
@@ -277,7 +268,8 @@ class RunState:
             return states[stage].failed
 
         first = self.first_shards()
-        rows = [self._url_rows(n) for n in first] if stages[0] == REGISTRY.first("urls") else [None]
+        rows = list(url_rows(self.store, first, self._url_rows).values()) \
+            if stages[0] == REGISTRY.first("urls") else [None]
         if self.index.rebuild(stages, first, markers, failed, first_samples=None if None in rows else sum(rows),
                               force=force):
             # markers committed while the rebuild ran were recorded into the keys it replaced
@@ -289,14 +281,12 @@ class RunState:
                         self.index.record(stage, nxt, marker)
 
     def _url_rows(self, name: str) -> int | None:
-        if name not in self._rows:
-            import pyarrow.parquet as pq
-            try:
-                with self.store.open(layout.url_shard(name)) as f:
-                    self._rows[name] = pq.ParquetFile(f).metadata.num_rows
-            except (FileNotFoundError, OSError, ValueError):
-                return None
-        return self._rows[name]
+        import pyarrow.parquet as pq
+        try:
+            with self.store.open(layout.url_shard(name)) as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        except (FileNotFoundError, OSError, ValueError):
+            return None
 
 
 def _fixed(expected: set, done: set, failed: set):

@@ -118,3 +118,25 @@ def _count(value) -> bool:
 
 def _name(shard) -> str:
     return f"{shard:05d}" if isinstance(shard, int) else str(shard)
+
+
+URL_ROWS = "_state/urls.json"
+
+
+def url_rows(store, names: set[str], read_rows) -> dict[str, int | None]:
+    """Rows of URL shards, read once (`read_rows(name)`, a parquet footer each) and kept in
+    _state/urls.json: URL shards never change once written."""
+    try:
+        known = store.read_json(URL_ROWS)
+    except (FileNotFoundError, ValueError):
+        known = {}
+    missing = sorted(n for n in names if n not in known)
+    if missing:
+        with ThreadPoolExecutor(READERS) as pool:
+            rows = list(pool.map(read_rows, missing))
+        known.update({n: r for n, r in zip(missing, rows) if r is not None})
+        try:
+            store.write_bytes(URL_ROWS, json.dumps(known, separators=(",", ":")).encode())
+        except Exception as exc:
+            log.warning("could not write %s: %s", URL_ROWS, exc)
+    return {n: known.get(n) for n in names}

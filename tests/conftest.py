@@ -5,13 +5,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import subprocess
 import uuid
-from contextlib import contextmanager
 
 import pytest
 
-from clipfleet.producer.fleet import check_broker, find_redis_server, free_port, _wait_for
+from clipfleet.producer.fleet import free_port
+from clipfleet.producer.fleet import scratch_redis as redis_server  # noqa: F401  (tests import it from here)
 
 # img2dataset imports albumentations, which would otherwise ask the network for updates.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -87,20 +86,6 @@ def store_uri(request, tmp_path):
     return f"s3://{make_bucket(endpoint)}/run"
 
 
-@contextmanager
-def redis_server(directory):
-    """A real redis-server (no persistence) on a free loopback port; yields its URL."""
-    port = free_port()
-    proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(directory)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        _wait_for(lambda: check_broker(url, 0.5) is None, "redis-server", 20, proc)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture

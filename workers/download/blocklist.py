@@ -16,6 +16,12 @@ import fsspec
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 
+def read_lines(uri: str) -> list[str]:
+    """A list file (local or any fsspec URI) as lines; the blocklist and the do-not-train list."""
+    with fsspec.open(uri, "rt", encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
 @dataclass(frozen=True)
 class Blocklist:
     urls: frozenset[str] = field(default_factory=frozenset)
@@ -24,10 +30,7 @@ class Blocklist:
 
     @classmethod
     def load(cls, uri: str | None) -> "Blocklist":
-        if not uri:
-            return cls()
-        with fsspec.open(uri, "rt", encoding="utf-8") as f:
-            return cls.parse(f.read().splitlines(), source=uri)
+        return cls.parse(read_lines(uri), source=uri) if uri else cls()
 
     @classmethod
     def parse(cls, lines, source: str = "blocklist") -> "Blocklist":

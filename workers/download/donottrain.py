@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import fsspec
+from clipfleet.workers.download.blocklist import read_lines
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9_-]{1,63}\.)*[a-z0-9_-]{1,63}\.?$")
 
@@ -36,10 +36,7 @@ class DoNotTrain:
 
     @classmethod
     def load(cls, uri: str | None) -> "DoNotTrain":
-        if not uri:
-            return cls()
-        with fsspec.open(uri, "rt", encoding="utf-8") as f:
-            return cls.parse(f.read().splitlines(), source=uri)
+        return cls.parse(read_lines(uri), source=uri) if uri else cls()
 
     @classmethod
     def parse(cls, lines, source: str = "do-not-train list") -> "DoNotTrain":
