@@ -2,6 +2,8 @@
 
     python -m bench.scale dedup [--urls 10000000] [--redis URL]   # bytes of Redis per claimed URL
     python -m bench.scale dedup --quick                           # 1 M URLs, for a quick look
+    python -m bench.scale state [--shards 1000,10000,100000] [--no-s3]   # run state (bench/scale_state.py)
+    python -m bench.scale                                          # both, as `make bench` runs it
 
 Dedup: claims `--urls` distinct URL digests through extract's RunDedup, in extract's batches and
 with extract's bucket count for a run of that size (400 000 URLs a segment, each segment its own
@@ -120,7 +122,19 @@ def main(argv: list[str] | None = None) -> dict:
     d.add_argument("--quick", action="store_true", help="1 M URLs")
     d.add_argument("--redis", help="measure on this Redis (a fresh namespace, removed after) instead of our own")
     d.add_argument("--out", default=str(RESULTS), help="results file (default .bench/results.json)")
-    args = parser.parse_args(["dedup"] if argv is None else argv)  # `make bench` calls main()
+    st = sub.add_parser("state", help="status, progress tick and store calls per task at 1k-100k shards")
+    st.add_argument("--shards", default="1000,10000,100000", help="shard counts, comma list (default %(default)s)")
+    st.add_argument("--no-s3", action="store_true", help="the local store only")
+    if argv is None:  # `make bench` calls main(): both parts
+        return {**main(["dedup"]), **main(["state"])}
+    args = parser.parse_args(argv)
+    if args.part == "state":
+        from bench import scale_state
+        numbers = scale_state.main([int(n) for n in args.shards.split(",")], s3=not args.no_s3)
+        write_results("state", numbers)
+        return {"state": numbers, "status_local_100k_under_5s_ratio": 5.0 / max(numbers["status_local_s_at_max"], 1e-3),
+                **({"status_s3_100k_under_20s_ratio": 20.0 / max(numbers["status_s3_s_at_max"], 1e-3)}
+                   if "status_s3_s_at_max" in numbers else {})}
     urls = 1_000_000 if args.quick else args.urls
     if urls < 1:
         parser.error("--urls must be positive")
@@ -135,4 +149,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["dedup"])
+    main(sys.argv[1:] or None)

@@ -60,16 +60,18 @@ class _Compactor:
         self.thread = threading.Thread(target=self._compact, daemon=True, name="compactor")
         self.thread.start()
 
-    def _compact(self) -> None:
+    def _compact(self, seal: bool = False) -> None:
         try:
-            RunState(self.run.store, self.run.cfg).compact()
+            run = RunState(self.run.store, self.run.cfg)
+            run.seal() if seal else run.compact()
         except Exception as exc:  # a cache: the next round, or the next reader, catches up
             log.warning("could not compact the run's summaries: %s", exc)
 
     def wait(self) -> None:
+        """At the end of a run: the summaries brought up to date, and sealed when it is complete."""
         if self.thread is not None:
             self.thread.join(timeout=60)
-        self._compact()
+        self._compact(seal=True)
 
 
 def held(holdings: dict, state: StageState, sweeper) -> Held:

@@ -34,6 +34,7 @@ def register(store: Store, cfg: RunConfig) -> list[str]:
         cfg.save(store)
         return []
     existing = RunConfig.load(store)
+    RunState(store, existing).unseal()  # this command may add shards: the next look lists the markers
     changed = existing.differences(cfg)
     if not changed:
         return []

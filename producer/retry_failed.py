@@ -88,6 +88,7 @@ def run_retry_failed(store_uri: str, broker: str | None = None) -> int:
     if not store.exists(layout.RUN_FILE):
         raise RunError(f"{store.uri} holds no run (no run.json)")
     cfg = RunConfig.load(store)
+    RunState(store, cfg).unseal()  # new shards join the run: the next look lists the markers
     planned, before = plan(store)
     if not planned:
         print(f"nothing to retry: no finished download shard has a transient failure left to retry "

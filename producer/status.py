@@ -29,7 +29,11 @@ def collect(store: Store, broker: str | None = None, recover: bool = True, rebui
                              store.uri, cfg.created_at)
         if rebuild:
             run.rebuild_index()
+    elif rebuild:
+        run.unseal()
     state = run.all()
+    if run.index is None:
+        run.seal(state)  # complete: a later look reads the summaries without listing
     info = {"store": store.uri, "until": cfg.until, "input_kind": cfg.input_kind,
             "inputs": len(cfg.inputs), "broker": None, "stages": {}}
     holdings, sweeper = {}, None

@@ -138,3 +138,9 @@ MARKER_FIELDS = {
 def stage_summary(stage: str) -> str:
     """What the run state has read of a stage's markers (shared/summaries.py); markers stay the truth."""
     return f"_state/{stage}.json"
+
+
+# Written when a look at the store found every stage complete: the summaries then hold every marker
+# and a later look reads them without listing. Whatever adds shards to a run (run, retry-failed)
+# removes it first.
+SEALED = "_state/sealed.json"

@@ -13,16 +13,18 @@ markers' typed fields (layout.MARKER_FIELDS). Two ways to read it, with the same
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
 from clipfleet.shared import layout
 from clipfleet.shared.retries import retry_shard_names
-from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.runconfig import RunConfig, revision
 from clipfleet.shared.stages import REGISTRY, load
 from clipfleet.shared.storage import DEADLETTER, MARKERS, Store, shard_name
 from clipfleet.shared.summaries import Summary, compacted, url_rows
+from clipfleet.shared.summaries import load as load_summary
 
 log = logging.getLogger("clipfleet.runstate")
 
@@ -163,6 +165,39 @@ class RunState:
                 if self.store.list(f"{MARKERS}/{s}") or self.store.list(f"{DEADLETTER}/{s}")]
 
     # -- the state of every stage ---------------------------------------------------------------
+    # -- a finished run, sealed: its summaries hold every marker -----------------------------------
+    def seal(self, states: list[StageState] | None = None) -> bool:
+        """Seal the summaries when every stage is complete (True when sealed)."""
+        if self._sealed() is not None:
+            return True
+        states = states or self._from_store(self.stages)
+        if not all(s.complete for s in states):
+            return False
+        try:
+            self.store.write_bytes(layout.SEALED, json.dumps({
+                "revision": self._revision(), "stages": self.stages,
+                "expected": {s.stage: sorted(s.expected) for s in states},
+                "failed": {s.stage: sorted(s.failed) for s in states}}, separators=(",", ":")).encode())
+        except Exception as exc:  # a read-only store: the next look lists again
+            log.warning("could not seal the run's summaries: %s", exc)
+            return False
+        return True
+
+    def unseal(self) -> None:
+        if self.store.exists(layout.SEALED):
+            self.store.fs.rm(self.store.path(layout.SEALED))
+
+    def _sealed(self) -> dict | None:
+        try:
+            seal = self.store.read_json(layout.SEALED)
+        except (FileNotFoundError, ValueError):
+            return None
+        return seal if seal.get("revision") == self._revision() and seal.get("stages") == self.stages else None
+
+    def _revision(self) -> float:
+        """run.json's revision: a seal from before the run was taken further does not hold."""
+        return revision(self.store.read_json(layout.RUN_FILE))
+
     def compact(self) -> None:
         """Bring the per-stage summaries up to date with the markers (the producer does this now
         and then while it follows a run, so a later `status` or report reads few markers)."""
@@ -192,6 +227,9 @@ class RunState:
         return True
 
     def _from_store(self, stages: list[str]) -> list[StageState]:
+        sealed = self._sealed()
+        if sealed is not None:
+            return self._from_seal(stages, sealed)
         out: list[StageState] = []
         expected, sizes, upstream = self.first_shards(), {}, True
         url_reader = REGISTRY.first("urls")  # the stage that reads URL shards: their rows are its samples
@@ -218,6 +256,26 @@ class RunState:
                 expected.update(nxt)
                 if nxt == [name]:  # handed on as it is: its kept samples are the next stage's for it
                     sizes[name] = row.samples_out
+        return out
+
+    def _from_seal(self, stages: list[str], sealed: dict) -> list[StageState]:
+        """A sealed run: nothing listed, every shard's record read from the summaries."""
+        out, upstream = [], True
+        handed = None
+        for stage in stages:
+            expected, failed = set(sealed["expected"][stage]), set(sealed["failed"][stage])
+            summary = load_summary(self.store, stage)
+            summary.read_marker, summary.stage = self.marker, stage
+            done = (expected & summary.shards.keys()) - failed
+            if stage == stages[0] and stage == REGISTRY.first("urls"):
+                rows = url_rows(self.store, expected, self._url_rows)
+                handed = None if None in rows.values() else sum(rows.values())
+            state = StageState(stage, len(expected), len(done), len(failed), upstream, samples_expected=handed,
+                               sets=_fixed(expected, done, failed))
+            _fill(state, summary, done, {})
+            out.append(state)
+            upstream = upstream and state.complete
+            handed = state.samples_out if done else None
         return out
 
     def _from_index(self, stages: list[str]) -> list[StageState]:

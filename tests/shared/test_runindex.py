@@ -107,3 +107,28 @@ def test_status_rebuild_with_a_broker_equals_status_from_the_markers(tmp_path, r
     assert from_markers["download"]["totals"]["refused"] == {"robots.txt": 6, "tdmrep.json": 1}
     assert status("--broker", redis_url, "--rebuild") == from_markers
     assert status("--broker", redis_url) == from_markers
+
+
+def test_a_finished_run_is_sealed_and_read_without_listing_until_it_is_taken_further(tmp_path):
+    from clipfleet.producer.register import register
+    store = Store(str(tmp_path / "store"))
+    cfg = RunConfig.make(store.uri, inputs=["in.parquet"], input_kind="urls", until="download")
+    cfg.save(store)
+    for shard in range(3):
+        store.write_bytes(f"urls/{shard:05d}.parquet", b"")
+        store.commit("download", shard, {}, {"stats": {"success": 4}, "samples_in": 5, "samples_out": 4,
+                                             "next_shards": [shard], "duration_s": 1.0})
+    listed = view(RunState(store).all())
+    assert RunState(store).seal()
+    lists = []
+    real = store.list
+    store.list = lambda rel: lists.append(rel) or real(rel)
+    assert view(RunState(store).all()) == listed and lists == []
+    store.list = real
+
+    # Taken further: the seal goes, and the new stage's shards are listed and counted.
+    register(store, RunConfig.make(store.uri, inputs=["in.parquet"], input_kind="urls", until="clip"))
+    store.commit("clip", 0, {}, {"stats": {}, "samples_in": 4, "samples_out": 2, "next_shards": [0]})
+    states = RunState(store).all()
+    assert (states[1].stage, states[1].n_expected, states[1].n_done, states[1].samples_out) == ("clip", 3, 1, 2)
+    assert not RunState(store).seal()
