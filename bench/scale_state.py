@@ -8,10 +8,12 @@ tag (4 N markers, the URL shards listed, as the producer leaves it: per-stage su
 while it followed the run). Setting it up writes the objects straight into the backend (files on
 disk, moto's in-process S3 backend); what is timed goes through the store as clipfleet reads it
 (fsspec, the S3 protocol over HTTP to moto on loopback).
-  - status: `clipfleet status` without a broker (the store path: list the markers, read the
-    per-stage summaries); also the first status on a store with no summaries (every marker read).
-  - tick: one progress tick of `run` with the Redis run index (O(stages) calls).
-  - task: store operations of the index stage's run-once due checks (train, merge) mid-run.
+  - status: `clipfleet status` without a broker on the finished run (the store path: the sealed
+    per-stage summaries, no listing); locally also the first status on a store with no summaries
+    (every marker read once, the summaries written and sealed).
+  - tick: one progress tick of `run` with the Redis run index (O(stages) calls); local store.
+  - task: store operations of the index stage's run-once due checks (train, merge) mid-run; local
+    store (the checks read Redis and one marker, on any store).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import json
 import os
 import tempfile
 import time
-from contextlib import contextmanager
+import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 STAGES = ("download", "clip", "embed", "tag")
@@ -80,14 +83,17 @@ def moto_s3():
         server.stop()
 
 
-def s3_store(endpoint: str, n: int) -> str:
+def s3_store(endpoint: str, n: int, local: Path) -> str:
+    """The same run on S3, with the per-stage summaries the local store's first status wrote
+    (what `run` leaves behind; on S3 the first status would read every marker, 4 n GETs)."""
     import boto3
     from moto.backends import get_backend
     bucket = f"scale-{n}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     uri = f"s3://{bucket}/run"
     backend = get_backend("s3")["123456789012"]["global"]
-    for rel, data in [("run.json", run_json(uri)), *objects(n)]:
+    state = [(f"_state/{p.name}", p.read_bytes()) for p in (local / "_state").iterdir()]
+    for rel, data in [("run.json", (local / "run.json").read_bytes()), *objects(n), *state]:
         backend.put_object(bucket, f"run/{rel}", data)
     return uri
 
@@ -117,7 +123,9 @@ class Counted:
                 setattr(store, name, fn)
 
 
-def measure(uri: str, redis_url: str) -> dict:
+def measure(uri: str, redis_url: str, cold: bool = True) -> dict:
+    """Status always; with `cold` (the local store) also the first status, a progress tick and a
+    task's store calls (both read Redis and the same few store objects on any store)."""
     import redis
     from clipfleet.producer.status import collect
     from clipfleet.shared import runstate
@@ -129,15 +137,18 @@ def measure(uri: str, redis_url: str) -> dict:
     store = Store(uri)
     cfg = RunConfig.load(store)
     out = {}
-    runstate._MARKERS.clear()
-    started = time.perf_counter()
-    info = collect(store)  # no summaries yet: every marker read once, summaries written
-    out["status_first_s"] = round(time.perf_counter() - started, 2)
+    if cold:
+        runstate._MARKERS.clear()
+        started = time.perf_counter()
+        collect(store)  # no summaries yet: every marker read once, summaries written and sealed
+        out["status_first_s"] = round(time.perf_counter() - started, 2)
     runstate._MARKERS.clear()  # a new process: only the summaries remember
     started = time.perf_counter()
     info = collect(store)
     out["status_s"] = round(time.perf_counter() - started, 2)
     out["status_counted_all"] = all(info["stages"][s]["done"] == info["stages"][s]["expected"] for s in STAGES)
+    if not cold:
+        return out
     client = redis.Redis.from_url(redis_url)
     index = RunIndex(client, uri, cfg.created_at)
     run = RunState(store, cfg, index=index)
@@ -164,18 +175,18 @@ def main(shards: list[int] | None = None, s3: bool = True) -> dict:
     from bench.scale import _redis_server
     shards = shards or [1_000, 10_000, 100_000]
     results: dict = {}
-    with _redis_server() as redis_url:
+    with _redis_server() as redis_url, tempfile.TemporaryDirectory(prefix="clipfleet-scale-") as tmp, \
+            (moto_s3() if s3 else nullcontext()) as endpoint:
         for n in shards:
-            with tempfile.TemporaryDirectory(prefix="clipfleet-scale-") as tmp:
-                results[f"local_{n}"] = measure(local_store(Path(tmp) / "store", n), redis_url)
-                print(f"local {n:>7} shards x {len(STAGES)} stages: {results[f'local_{n}']}", flush=True)
-        if s3:
-            with moto_s3() as endpoint:
-                for n in shards:
-                    results[f"s3_{n}"] = measure(s3_store(endpoint, n), redis_url)
-                    print(f"s3    {n:>7} shards x {len(STAGES)} stages: {results[f's3_{n}']}", flush=True)
+            local = Path(tmp) / f"store-{n}"
+            results[f"local_{n}"] = measure(local_store(local, n), redis_url)
+            print(f"local {n:>7} shards x {len(STAGES)} stages: {results[f'local_{n}']}", flush=True)
+            if s3:
+                results[f"s3_{n}"] = measure(s3_store(endpoint, n, local), redis_url, cold=False)
+                print(f"s3    {n:>7} shards x {len(STAGES)} stages: {results[f's3_{n}']}", flush=True)
+            shutil.rmtree(local)
     biggest = max(shards)
-    ops = [v["task_store_ops"] for v in results.values()]
+    ops = [v["task_store_ops"] for v in results.values() if "task_store_ops" in v]
     results["task_store_ops_constant"] = len(set(ops)) == 1
     results["status_local_s_at_max"] = results[f"local_{biggest}"]["status_s"]
     if s3:

@@ -40,9 +40,11 @@ def collect(store: Store, broker: str | None = None, recover: bool = True, rebui
     if broker:
         holdings, sweeper = _look_at_broker(run, state, broker, recover)
         info["broker"] = {"url": _redacted(broker), "recover": recover}
+    sealed = run.sealed_counts()
     for p in state:
-        dead = store.deadletters(p.stage)
-        recovered = recovered_counts(store, p.stage)
+        # a sealed run says how many shards failed and were recovered: nothing listed when none
+        dead = store.deadletters(p.stage) if sealed is None or p.n_failed else []
+        recovered = recovered_counts(store, p.stage) if sealed is None else {"all": sealed.get(p.stage, 0)}
         h = holdings.get(p.stage)
         wall = p.wall_s
         entry = {

@@ -115,6 +115,7 @@ class RunState:
         the URL shards). `index`: a RunIndex to read from (rebuilt from the markers when missing)."""
         self.store = store
         self.cfg = cfg or RunConfig.load(store)
+        self._seal, self._seal_read = None, False
         self._first = first
         self.index = index
         run = (store.uri, self.cfg.created_at)
@@ -177,22 +178,38 @@ class RunState:
             self.store.write_bytes(layout.SEALED, json.dumps({
                 "revision": self._revision(), "stages": self.stages,
                 "expected": {s.stage: sorted(s.expected) for s in states},
-                "failed": {s.stage: sorted(s.failed) for s in states}}, separators=(",", ":")).encode())
+                "failed": {s.stage: sorted(s.failed) for s in states},
+                "recovered": {s.stage: self._recovered(s.stage) for s in states}}, separators=(",", ":")).encode())
         except Exception as exc:  # a read-only store: the next look lists again
             log.warning("could not seal the run's summaries: %s", exc)
             return False
+        self._seal_read = False
         return True
 
+    def _recovered(self, stage: str) -> int:
+        from clipfleet.shared.recovery import recovered_counts
+        return sum(recovered_counts(self.store, stage).values())
+
+    def sealed_counts(self) -> dict | None:
+        """Recoveries per stage of a sealed run (None when it is not sealed)."""
+        sealed = self._sealed()
+        return None if sealed is None else sealed.get("recovered", {})
+
     def unseal(self) -> None:
+        self._seal_read = False
         if self.store.exists(layout.SEALED):
             self.store.fs.rm(self.store.path(layout.SEALED))
 
     def _sealed(self) -> dict | None:
-        try:
-            seal = self.store.read_json(layout.SEALED)
-        except (FileNotFoundError, ValueError):
-            return None
-        return seal if seal.get("revision") == self._revision() and seal.get("stages") == self.stages else None
+        """The seal, when it holds for this revision of the run (read once per RunState)."""
+        if not self._seal_read:
+            try:
+                seal = self.store.read_json(layout.SEALED)
+            except (FileNotFoundError, ValueError):
+                seal = None
+            valid = seal is not None and seal.get("revision") == self._revision() and seal.get("stages") == self.stages
+            self._seal, self._seal_read = (seal if valid else None), True
+        return self._seal
 
     def _revision(self) -> float:
         """run.json's revision: a seal from before the run was taken further does not hold."""
@@ -228,7 +245,7 @@ class RunState:
 
     def _from_store(self, stages: list[str]) -> list[StageState]:
         sealed = self._sealed()
-        if sealed is not None:
+        if sealed is not None and all(stage in sealed["expected"] for stage in stages):
             return self._from_seal(stages, sealed)
         out: list[StageState] = []
         expected, sizes, upstream = self.first_shards(), {}, True
