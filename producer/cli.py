@@ -105,6 +105,8 @@ def cmd_run(args) -> int:
         raise RunError(f"the {args.until} stage is not built yet; built: {', '.join(built_stages())} "
                        f"(use --until {built_stages()[-1]})")
     stages = runlib.stages_of(cfg, set(built_stages()))
+    from clipfleet.producer.preflight import preflight
+    preflight(cfg, stages, offline=getattr(args, "offline", False) or None)  # every model in the model cache before any task
     if STAGES.index(cfg.until) >= STAGES.index("tag"):  # a head that cannot tag this run's embeddings fails here, before run.json
         from clipfleet.workers.tag.plan import prepare
         prepare(cfg)
@@ -236,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--store", required=True, help="where the run writes: a directory or s3://bucket/prefix")
     rn.add_argument("--broker", help="Redis URL of a running fleet (default: start an embedded fleet for this run)")
     rn.add_argument("--detach", action="store_true", help="enqueue and exit (needs --broker); follow with `clipfleet status`")
+    rn.add_argument("--offline", action="store_true", help="never reach the model hub: models missing from the model cache refuse the run")
     rn.add_argument("--until", choices=STAGES, help="stop after this stage (default: index, or the last stage "
                                                     "built so far); a stage not built yet is an error")
     for name, cls in SECTIONS.items():
