@@ -128,3 +128,26 @@ def test_fetch_needs_a_cache_and_says_local_models_need_nothing(tmp_path, hub):
     local = cli("models", "fetch", "shapes", "--to", str(tmp_path / "c"), env=env_for(hub, tmp_path / "hf"))
     assert local.returncode == 0 and "shapes: local, nothing to fetch" in local.stdout
     assert sum(hub.requests.values()) == 0
+
+
+def test_loading_is_offline_and_leaves_the_process_as_it_was(monkeypatch):
+    """A worker's load never asks the hub (transformers' towers would), yet a fetch later in
+    the same process still can."""
+    import huggingface_hub.constants as hub_constants
+
+    import clipfleet.shared.models as models
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    seen = []
+    real = models._load_clip
+
+    def spy(name, cache_dir):
+        seen.append((os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE))
+        return real(name, cache_dir)
+
+    monkeypatch.setattr(models, "_load_clip", spy)
+    with pytest.raises(models.ModelNotAvailable, match="clipfleet models fetch hf-hub:clipfleet-test/absent"):
+        models.load_clip("hf-hub:clipfleet-test/absent")
+    models.load_clip("shapes")
+    assert seen == [("1", True), ("1", True)]
+    assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False
