@@ -25,6 +25,8 @@ def cmd_up(args) -> int:
     if args.store:
         from clipfleet.producer.run import check_store
         check_store(args.store)
+    from clipfleet.producer.model_check import check_queue_models
+    check_queue_models(queues, args.store)  # where each model of these queues stands
     logs = state_dir(args.store) / "logs"
     logs.mkdir(exist_ok=True)
     fleet = start_fleet(queues, broker=args.broker, store_key=args.store, flower=True,
@@ -57,6 +59,8 @@ def cmd_worker(args) -> int:
     if not broker:
         raise FleetError("no broker: pass --broker redis://HOST:PORT/0 or set CLIPFLEET_BROKER")
     check_broker(broker)
+    from clipfleet.producer.model_check import check_queue_models
+    check_queue_models(queues)  # where each model of these queues stands (the defaults: runs name theirs per task)
     os.environ.update(worker_env(broker))
     argv = worker_argv(queues, broker, args.concurrency)
     os.execv(argv[0], argv)  # the worker replaces us, so signals reach Celery directly

@@ -74,6 +74,11 @@ def fetch(name: str, cache_uri: str, offline: bool | None = None, force: bool = 
     return manifest
 
 
+def local_files(name: str) -> list[dict]:
+    """The files of `name` this machine's caches hold, asking no hub; ModelNotAvailable if any lacks."""
+    return _hub_repo_files(name, True) if name.startswith("hf-hub:") else _arch_files(name, True)
+
+
 # ----------------------------------------------------------------------------- hub files
 
 
