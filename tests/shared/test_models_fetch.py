@@ -151,3 +151,16 @@ def test_loading_is_offline_and_leaves_the_process_as_it_was(monkeypatch):
     models.load_clip("shapes")
     assert seen == [("1", True), ("1", True)]
     assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False
+
+
+def test_fetch_for_run_takes_the_models_of_the_stages_the_run_reaches(tmp_path, hub):
+    from clipfleet.shared.runconfig import RunConfig
+    store_uri = str(tmp_path / "store")
+    RunConfig.make(store=store_uri, until="clip", filter_model="shapes",
+                   multilingual_filter_model=f"hf-hub:{SHAPES_REPO}",
+                   embed_model="hf-hub:clipfleet-test/not-reached").save(Store(store_uri))
+    done = cli("models", "fetch", "--for-run", "--store", store_uri, env=env_for(hub, tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["shapes: local, nothing to fetch",
+                                        f"hf-hub:{SHAPES_REPO}: in {store_uri}/models"]
+    assert read_manifest(cache_uri_of(store_uri), f"hf-hub:{SHAPES_REPO}") is not None
