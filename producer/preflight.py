@@ -51,6 +51,40 @@ def preflight(cfg, stages, offline: bool | None = None, cache_uri: str | None = 
                                 f"`{fetch_command(name, cache_uri)}`")
             else:
                 problems.append(f"model {name} cannot be had: {exc} (then: `{fetch_command(name, cache_uri)}`)")
+    problems += laion_heads(cfg, stages, cache_uri, offline)
     if problems:
         raise PreflightError("\n".join(problems))
     return names
+
+
+LAION = "laion:"
+HEAD_FLAGS = ("punsafe_head", "pwatermark_head", "aesthetic_head")
+
+
+def laion_heads(cfg, stages, cache_uri: str, offline: bool) -> list[str]:
+    """Head flags naming `laion:KIND`: fetched once into the cache (online) and replaced by the
+    cached file's spec, so run.json and every worker name the same bytes. Problems, one a line."""
+    from clipfleet.shared.models.heads import HeadError
+    from clipfleet.shared.models.laion_heads import cached_spec, download
+    if "tag" not in stages:
+        return []
+    problems = []
+    for flag in HEAD_FLAGS:
+        spec = getattr(cfg.tag, flag)
+        if not spec.startswith(LAION):
+            continue
+        kind = spec[len(LAION):]
+        found = cached_spec(kind, cache_uri)
+        if found is None and offline:
+            problems.append(f"head {spec} (--{flag.replace('_', '-')}) is not in the model cache {cache_uri}, "
+                            f"and this run is offline: fetch it with `clipfleet models fetch {spec} --to {cache_uri}`")
+            continue
+        if found is None:
+            try:
+                found = download(kind, cache_uri)
+            except HeadError as exc:
+                problems.append(f"head {spec} (--{flag.replace('_', '-')}) cannot be had: {exc}")
+                continue
+            print(f"head {spec}: fetched into the model cache {cache_uri}", flush=True)
+        setattr(cfg.tag, flag, found)
+    return problems

@@ -166,6 +166,13 @@ def _keras_state(kind: str, module, path: str) -> dict:
 # ----------------------------------------------------------------------------- download
 
 
+def cached_spec(kind: str, cache_uri: str) -> str | None:
+    """The head spec of an imported LAION `kind` in the model cache, or None if not there."""
+    from clipfleet.shared.storage import Store
+    rel = f"heads/{kind}.pt"
+    return f"{kind}:{cache_uri.rstrip('/')}/{rel}" if Store(cache_uri).exists(rel) else None
+
+
 def download(kind: str, cache_uri: str, url: str | None = None, sha256: str | None = None) -> str:
     """Fetch LAION's `kind` file over HTTPS (plain HTTP only on loopback), check its sha256,
     import it and write `<cache>/heads/KIND.pt`; the spec to pass to the head flags."""
@@ -175,6 +182,9 @@ def download(kind: str, cache_uri: str, url: str | None = None, sha256: str | No
     if kind not in KINDS:
         raise HeadError(f"unknown head kind {kind!r}; one of {', '.join(KINDS)}")
     default_url, pinned = LAION_FILES[kind]
+    mirror = os.environ.get("CLIPFLEET_LAION_MIRROR")  # a folder holding LAION's files by their names
+    if mirror and not url:
+        url = f"{mirror.rstrip('/')}/{default_url.rsplit('/', 1)[1]}"
     url, sha256 = url or default_url, (sha256 or pinned or "").lower() or None
     if not (url.startswith("https://") or url.startswith(("http://127.", "http://localhost"))):
         raise HeadError(f"{url}: LAION's files are fetched over HTTPS")

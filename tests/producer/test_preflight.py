@@ -114,3 +114,57 @@ def test_offline_with_an_empty_cache_is_refused_before_any_download(tmp_path, is
     store = Store(store_uri)
     assert not store.exists("run.json") and not store.list("urls") and not store.list("images")
     assert not store.list("_markers")
+
+
+def test_laion_heads_are_fetched_once_into_the_cache_and_named_by_their_cached_file(tmp_path, monkeypatch):
+    import functools
+    import hashlib
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    import numpy as np
+
+    from clipfleet.producer.preflight import PreflightError, preflight
+    from clipfleet.shared.models.heads import load_head
+    from clipfleet.shared.pipeline import STAGES
+    from clipfleet.shared.runconfig import RunConfig
+
+    data = REPO / "tests" / "shared" / "data"
+    served = tmp_path / "mirror"
+    served.mkdir()
+    (served / "clip_autokeras_nsfw_b32.zip").write_bytes((data / "autokeras_nsfw_b32.zip").read_bytes())
+    asked = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            asked.append(self.path)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CLIPFLEET_LAION_MIRROR", f"http://127.0.0.1:{server.server_address[1]}")
+
+    def config():
+        return RunConfig.make(store=str(tmp_path / "store"), until="tag", filter_model="shapes",
+                              multilingual_filter_model="shapes", embed_model="shapes", punsafe_head="laion:nsfw-b32")
+
+    try:
+        with pytest.raises(PreflightError) as refused:
+            preflight(config(), STAGES, offline=True)
+        assert str(refused.value) == (
+            f"head laion:nsfw-b32 (--punsafe-head) is not in the model cache {tmp_path}/store/models, and this "
+            f"run is offline: fetch it with `clipfleet models fetch laion:nsfw-b32 --to {tmp_path}/store/models`")
+        assert asked == []
+        cfg = config()
+        preflight(cfg, STAGES, offline=False)
+        assert cfg.tag.punsafe_head == f"nsfw-b32:{tmp_path}/store/models/heads/nsfw-b32.pt"
+        cfg_again = config()
+        preflight(cfg_again, STAGES, offline=True)  # now in the cache: offline is fine, nothing asked
+        assert cfg_again.tag.punsafe_head == cfg.tag.punsafe_head and len(asked) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    expected = np.load(data / "autokeras_nsfw_b32_expected.npz")
+    np.testing.assert_allclose(load_head(cfg.tag.punsafe_head).score_embeddings(expected["probe"]),
+                               expected["expected"], atol=1e-5)
+    digest = hashlib.sha256((data / "autokeras_nsfw_b32.zip").read_bytes()).hexdigest()
+    assert Store(str(tmp_path / "store" / "models")).read_json("heads/nsfw-b32.source.json")["sha256"] == digest
