@@ -109,11 +109,12 @@ def cmd_run(args) -> int:
         raise RunError(f"the {args.until} stage is not built yet; built: {', '.join(built_stages())} "
                        f"(use --until {built_stages()[-1]})")
     stages = runlib.stages_of(cfg, set(built_stages()))
-    from clipfleet.producer.preflight import preflight
-    preflight(cfg, stages, offline=getattr(args, "offline", False) or None)  # every model in the model cache before any task
+    from clipfleet.producer.preflight import preflight, preflight_heads
+    preflight_heads(cfg, stages, offline=getattr(args, "offline", False) or None)  # laion:KIND heads into the model cache
     if STAGES.index(cfg.until) >= STAGES.index("tag"):  # a head that cannot tag this run's embeddings fails here, before run.json
         from clipfleet.workers.tag.plan import prepare
         prepare(cfg)
+    preflight(cfg, stages, offline=getattr(args, "offline", False) or None)  # every model in the model cache before any task
     if not stages:
         raise RunError(f"this fleet has no {cfg.input_kind} entry stage yet")
     if stages[-1] != cfg.until:

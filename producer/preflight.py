@@ -1,4 +1,5 @@
-"""Before `run` enqueues anything: every model of the stages it will run is in the model cache.
+"""Before `run` enqueues anything: every model and head of the stages it will run is in the
+model cache (`preflight_heads` before the tag stage checks its heads, `preflight` after).
 
 Online, a model missing from the cache (`<store>/models`) is fetched once, here, for the whole
 fleet; offline (`--offline` or HF_HUB_OFFLINE=1), what this machine's Hugging Face cache holds
@@ -51,10 +52,19 @@ def preflight(cfg, stages, offline: bool | None = None, cache_uri: str | None = 
                                 f"`{fetch_command(name, cache_uri)}`")
             else:
                 problems.append(f"model {name} cannot be had: {exc} (then: `{fetch_command(name, cache_uri)}`)")
-    problems += laion_heads(cfg, stages, cache_uri, offline)
     if problems:
         raise PreflightError("\n".join(problems))
     return names
+
+
+def preflight_heads(cfg, stages, offline: bool | None = None, cache_uri: str | None = None) -> None:
+    """Before the tag stage's heads are checked: `laion:KIND` head flags become the model
+    cache's file, fetched once if it is not there (offline and missing: PreflightError)."""
+    from clipfleet.shared.models.cache import cache_uri_of
+    from clipfleet.shared.models.fetch import is_offline
+    problems = laion_heads(cfg, stages, cache_uri or cache_uri_of(cfg.store), is_offline(offline))
+    if problems:
+        raise PreflightError("\n".join(problems))
 
 
 LAION = "laion:"

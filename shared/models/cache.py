@@ -181,6 +181,8 @@ def _copy_down(cache_uri: str, manifest: dict) -> int:
 
 def copy_to_machine(names: list[str], store_uri: str) -> None:
     """Before a worker loads a run's models: copy each one the run's model cache holds."""
+    from clipfleet.shared.models.fetch import needs_fetch
     cache_uri = cache_uri_of(store_uri)
     for name in names:
-        ensure_local(name, cache_uri)
+        if needs_fetch(name):  # shipped and local models have nothing in the cache
+            ensure_local(name, cache_uri)

@@ -124,7 +124,7 @@ def test_laion_heads_are_fetched_once_into_the_cache_and_named_by_their_cached_f
 
     import numpy as np
 
-    from clipfleet.producer.preflight import PreflightError, preflight
+    from clipfleet.producer.preflight import PreflightError, preflight_heads
     from clipfleet.shared.models.heads import load_head
     from clipfleet.shared.pipeline import STAGES
     from clipfleet.shared.runconfig import RunConfig
@@ -149,16 +149,16 @@ def test_laion_heads_are_fetched_once_into_the_cache_and_named_by_their_cached_f
 
     try:
         with pytest.raises(PreflightError) as refused:
-            preflight(config(), STAGES, offline=True)
+            preflight_heads(config(), STAGES, offline=True)
         assert str(refused.value) == (
             f"head laion:nsfw-b32 (--punsafe-head) is not in the model cache {tmp_path}/store/models, and this "
             f"run is offline: fetch it with `clipfleet models fetch laion:nsfw-b32 --to {tmp_path}/store/models`")
         assert asked == []
         cfg = config()
-        preflight(cfg, STAGES, offline=False)
+        preflight_heads(cfg, STAGES, offline=False)
         assert cfg.tag.punsafe_head == f"nsfw-b32:{tmp_path}/store/models/heads/nsfw-b32.pt"
         cfg_again = config()
-        preflight(cfg_again, STAGES, offline=True)  # now in the cache: offline is fine, nothing asked
+        preflight_heads(cfg_again, STAGES, offline=True)  # now in the cache: offline is fine, nothing asked
         assert cfg_again.tag.punsafe_head == cfg.tag.punsafe_head and len(asked) == 1
     finally:
         server.shutdown()
