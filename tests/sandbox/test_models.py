@@ -93,7 +93,7 @@ def test_shipped_metrics_record_the_targets():
 
 
 def test_missing_weights_name_the_model_and_never_download(tmp_path):
-    with pytest.raises(ModelNotAvailable, match=r"ViT-B-32/openai.*never\s+downloads"):
+    with pytest.raises(ModelNotAvailable, match=r"ViT-B-32/openai.*never\s+download.*clipfleet models fetch ViT-B-32/openai"):
         load_clip("ViT-B-32/openai", cache_dir=str(tmp_path))
     with pytest.raises(ModelNotAvailable, match="hf-hub:nobody/nothing"):
         load_clip("hf-hub:nobody/nothing", cache_dir=str(tmp_path))

@@ -3,8 +3,8 @@
 HEAD and GET /{org}/{repo}/resolve/{revision}/{file} answer with X-Repo-Commit, ETag and
 Content-Length as the hub does (huggingface_hub's file_download reads exactly these), GET
 honours Range (resumed downloads), and an unknown repo or file is a 404 with the hub's
-X-Error-Code. `GET /api/models/{org}/{repo}[/revision/{rev}]` lists a repo's files for
-snapshot_download. Every request is counted, so a test can say how often a file was fetched.
+X-Error-Code. `GET /api/models/{org}/{repo}[/revision/{rev}]` and `.../tree/{rev}` list a
+repo's files for snapshot_download. Every request is counted, so a test can say how often a file was fetched.
 """
 from __future__ import annotations
 
@@ -69,6 +69,9 @@ class Hub:
                 api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
                 if api:
                     return self._listing(api.group(1))
+                tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+", path)
+                if tree:
+                    return self._tree(tree.group(1))
                 match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if not match:
                     return self._error(404, "RepoNotFound")
@@ -100,6 +103,25 @@ class Hub:
                 files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
                 payload = json.dumps({"id": repo, "sha": hub.commit(repo),
                                       "siblings": [{"rfilename": f} for f in files]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(payload)
+
+            def _tree(self, repo: str):
+                """The repo's files, as the hub's tree API lists them (snapshot_download reads it)."""
+                folder = hub.root / repo
+                if not folder.is_dir():
+                    return self._error(404, "RepoNotFound")
+                entries = [{"type": "file", "path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
+                            "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                           for p in sorted(folder.rglob("*")) if p.is_file()]
+                self._json(entries)
+
+            def _json(self, obj):
+                payload = json.dumps(obj).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))

@@ -164,3 +164,21 @@ def test_fetch_for_run_takes_the_models_of_the_stages_the_run_reaches(tmp_path, 
     assert done.stdout.splitlines() == ["shapes: local, nothing to fetch",
                                         f"hf-hub:{SHAPES_REPO}: in {store_uri}/models"]
     assert read_manifest(cache_uri_of(store_uri), f"hf-hub:{SHAPES_REPO}") is not None
+
+
+def test_a_hugging_face_text_tower_brings_its_config_and_tokenizer_not_its_weights(tmp_path, hub, monkeypatch):
+    # LAION's multilingual filter (xlm-roberta-base-ViT-B-32) loads XLM-R's config and tokenizer
+    # through transformers; its weights come with open_clip's checkpoint.
+    from clipfleet.shared.models.fetch import _tower_files
+    for name, body in {"config.json": b'{"model_type": "xlm-roberta"}', "tokenizer.json": b"{}",
+                       "sentencepiece.bpe.model": b"spm", "model.safetensors": b"w" * 64}.items():
+        hub.add_file("FacebookAI/xlm-roberta-base", name, body)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    files = _tower_files({"hf_model_name": "FacebookAI/xlm-roberta-base",
+                          "hf_tokenizer_name": "FacebookAI/xlm-roberta-base"}, False, "tower-test")
+    assert sorted(Path(f["path"]).name for f in files) == ["config.json", "sentencepiece.bpe.model", "tokenizer.json"]
+    assert all(f["path"].startswith(f"models--FacebookAI--xlm-roberta-base/snapshots/{hub.commit('FacebookAI/xlm-roberta-base')}/")
+               for f in files)
+    assert hub.gets("FacebookAI/xlm-roberta-base", "model.safetensors") == 0
