@@ -26,6 +26,8 @@ def cmd_up(args) -> int:
     if args.store:
         from clipfleet.producer.register import check_store
         check_store(args.store)
+    from clipfleet.producer.model_check import check_queue_models
+    check_queue_models(queues, args.store)  # where each model of these queues stands
     logs = state_dir(args.store) / "logs"
     logs.mkdir(exist_ok=True)
     fleet = start_fleet(queues, broker=args.broker, store_key=args.store, flower=True,
@@ -58,6 +60,8 @@ def cmd_worker(args) -> int:
     if not broker:
         raise FleetError("no broker: pass --broker redis://HOST:PORT/0 or set CLIPFLEET_BROKER")
     check_broker(broker)
+    from clipfleet.producer.model_check import check_queue_models
+    check_queue_models(queues)  # where each model of these queues stands (the defaults: runs name theirs per task)
     os.environ.update(worker_env(broker))
     argv = worker_argv(queues, broker, args.concurrency)
     os.execv(argv[0], argv)  # the worker replaces us, so signals reach Celery directly
@@ -104,9 +108,13 @@ def cmd_run(args) -> int:
     store = register.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
     stages = cfg.stages
+    from clipfleet.producer.preflight import preflight, preflight_heads
+    offline = args.offline or None
+    preflight_heads(cfg, stages, offline=offline)  # laion:KIND heads into the model cache
     if "tag" in stages:  # a head that cannot tag this run's embeddings fails here, before run.json
         from clipfleet.workers.tag.plan import prepare
         prepare(cfg)
+    preflight(cfg, stages, offline=offline)  # every model in the model cache before any task
     register.register(store, cfg)
     first = register.first_tasks(store, cfg)
     if not first:
@@ -239,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--store", required=True, help="where the run writes: a directory or s3://bucket/prefix")
     rn.add_argument("--broker", help="Redis URL of a running fleet (default: start an embedded fleet for this run)")
     rn.add_argument("--detach", action="store_true", help="enqueue and exit (needs --broker); follow with `clipfleet status`")
+    rn.add_argument("--offline", action="store_true", help="never reach the model hub: models missing from the model cache refuse the run")
     rn.add_argument("--until", choices=REGISTRY.names(),
                     help=f"stop after this stage (default: {REGISTRY.names()[-1]}, the last)")
     for name, cls in sections().items():

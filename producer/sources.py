@@ -58,6 +58,21 @@ def cc_base() -> str:
     return os.environ.get("CLIPFLEET_CC_BASE", CC_BASE).rstrip("/")
 
 
+def unreachable_check(url: str) -> None:
+    """Raise, in one line, when the server of an http(s) `url` cannot be reached at all."""
+    if fsspec.utils.get_protocol(url) not in ("http", "https"):
+        return
+    import requests
+    try:
+        requests.head(url, timeout=20, allow_redirects=False)
+    except requests.RequestException as exc:
+        # urllib3 nests the cause ("[Errno 111] Connection refused") deep in its message.
+        cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+        reason = cause.group(1).strip() if cause else exc.__class__.__name__
+        raise ValueError(f"Common Crawl cannot be reached at {cc_base()} ({reason}); check this "
+                         f"machine's network or proxy, or set CLIPFLEET_CC_BASE to a mirror") from None
+
+
 def crawl_listing(crawl: str) -> list[str]:
     """The WAT paths of a crawl, from its `wat.paths.gz`, in listing order."""
     if not CRAWL_ID.fullmatch(crawl):
@@ -67,8 +82,10 @@ def crawl_listing(crawl: str) -> list[str]:
         with fsspec.open(url, "rb", **_options(url)) as f:
             text = gzip.decompress(f.read()).decode("utf-8")
     except FileNotFoundError as exc:
+        unreachable_check(url)  # fsspec's HTTP reads a refused connection as a missing file
         raise ValueError(f"no WAT listing for {crawl} at {url}") from exc
     except (OSError, EOFError) as exc:
+        unreachable_check(url)
         raise ValueError(f"cannot read the WAT listing of {crawl} at {url}: {exc}") from exc
     return [line.strip() for line in text.splitlines() if line.strip()]
 

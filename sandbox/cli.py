@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=_serve)
 
     models = subparsers.add_parser("models", help="the CLIP models clipfleet can load")
-    model_actions = models.add_subparsers(dest="models_command", required=True, metavar="{list,eval}")
+    model_actions = models.add_subparsers(dest="models_command", required=True,
+                                          metavar="{list,eval,fetch,import-head}")
     listing = model_actions.add_parser("list", help="list shipped models and how to add others")
     listing.set_defaults(func=_list_models)
     evaluate = model_actions.add_parser(
@@ -54,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="seed of the fresh sample, different from the training world's (default %(default)s)")
     evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
     evaluate.set_defaults(func=_evaluate)
+    from clipfleet.producer.models_cli import register as register_models
+    register_models(model_actions)  # fetch, import-head
 
 
 def _make(args) -> int:
@@ -98,8 +101,9 @@ def _list_models(args) -> int:
 
     for name, info in shipped_models().items():
         print(f"{name}\t{info}")
-    print("other names: an open_clip 'ARCH/pretrained' name whose weights are in the local "
-          "cache (e.g. ViT-B-32/openai), or a local checkpoint path")
+    print("other names: an open_clip 'ARCH/pretrained' name (e.g. ViT-B-32/openai) or "
+          "'hf-hub:ORG/REPO', fetched once with `clipfleet models fetch NAME --to STORE/models`, "
+          "or a local checkpoint path")
     return 0
 
 

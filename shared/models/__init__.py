@@ -1,4 +1,8 @@
-"""Load CLIP models and tag heads from local files only; nothing is downloaded at run time.
+"""Load CLIP models and tag heads from this machine's files only; a worker downloads nothing.
+
+Models are fetched once for a fleet with `clipfleet models fetch` (or by `run`'s preflight)
+into the model cache in object storage; a worker copies them from there into this machine's
+Hugging Face cache (shared/models/cache.py) and this module loads them from it.
 
 Model names:
   shapes                   the project's small CLIP, shipped in shared/models/shapes/
@@ -22,9 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-# Before huggingface_hub is imported anywhere through this module: never reach the hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHIPPED_DIR = Path(__file__).parent
 SHAPES_DIR = SHIPPED_DIR / "shapes"
@@ -74,30 +75,56 @@ def model_folder(name: str) -> Path | None:
 
 
 def load_clip(name: str, device: str = "cpu", cache_dir: str | None = None):
-    """(model, preprocess, tokenizer) for `name`, in eval mode on `device`."""
+    """(model, preprocess, tokenizer) for `name`, in eval mode on `device`, from this machine's
+    files only (its Hugging Face cache unless `cache_dir` says otherwise)."""
+    with _offline():
+        model, preprocess, tokenizer = _load_clip(name, cache_dir)
+    return model.to(device).eval(), preprocess, tokenizer
+
+
+@contextlib.contextmanager
+def _offline():
+    """No hub request while a model loads (transformers' text towers would otherwise ask the
+    hub for their config); the setting is put back after, so a later fetch in the same process
+    still reaches the hub."""
+    import huggingface_hub.constants as hub_constants
+    before_env, before = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub_constants.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env
+
+
+def _load_clip(name: str, cache_dir: str | None):
+    from clipfleet.shared.models.cache import hub_cache_dir
     folder = model_folder(name)
     if folder is not None and (folder / WEIGHTS_FILE).is_file():
         model, preprocess, tokenizer = _load_packed(folder)
     elif folder is not None:
         model, preprocess, tokenizer = _load_open_clip_dir(name, folder)
     elif name.startswith("hf-hub:"):
-        model, preprocess, tokenizer = _load_open_clip_dir(name, _cached_hub_repo(name, cache_dir))
+        model, preprocess, tokenizer = _load_open_clip_dir(
+            name, _cached_hub_repo(name, cache_dir or str(hub_cache_dir())))
     elif "/" in name:
-        model, preprocess, tokenizer = _load_arch(name, cache_dir)
+        model, preprocess, tokenizer = _load_arch(name, cache_dir or str(hub_cache_dir()))
     else:
         raise ModelNotAvailable(
             f"unknown model {name!r}: use 'shapes', an open_clip 'ARCH/pretrained' name "
             f"(e.g. ViT-B-32/openai), 'hf-hub:ORG/REPO', or a local checkpoint path")
-    return model.to(device).eval(), preprocess, tokenizer
+    return model, preprocess, tokenizer
 
 
 def _missing(name: str, detail: str) -> ModelNotAvailable:
     return ModelNotAvailable(
-        f"weights for model {name!r} are not on this machine ({detail}). clipfleet never "
-        f"downloads at run time: fetch them once where there is internet (for open_clip names, "
-        f"`python -c \"import open_clip; open_clip.create_model('ARCH', pretrained='TAG')\"` "
-        f"fills the Hugging Face cache) and copy the cache (HF_HOME) here, or pass a local "
-        f"checkpoint path as the model name")
+        f"weights for model {name!r} are not on this machine ({detail}). Workers never "
+        f"download: fetch it once for the fleet with `clipfleet models fetch {name} --to "
+        f"STORE/models` (`clipfleet run` does so before it starts), or pass a local checkpoint "
+        f"path as the model name")
 
 
 def _load_packed(folder: Path):
@@ -185,7 +212,8 @@ def _load_arch(name: str, cache_dir: str | None):
         repo, filename = (hub.rstrip("/"), "") if hub.endswith("/") else os.path.split(hub)
         checkpoint = _cached_hub_file(repo, _weight_file_names(filename), cache_dir)
     if checkpoint is None and cfg.get("url"):
-        candidate = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"])
+        from clipfleet.shared.models.cache import clip_cache_dir
+        candidate = clip_cache_dir() / os.path.basename(cfg["url"])
         checkpoint = str(candidate) if candidate.is_file() else None
     if checkpoint is None:
         raise _missing(name, "not in the Hugging Face cache nor in ~/.cache/clip")

@@ -68,6 +68,16 @@ def test_crawl_inputs_first_n_and_seeded_sample(fake_common_crawl):
     assert positions == sorted(positions)
 
 
+def test_crawl_unreachable_says_so_in_one_line(monkeypatch):
+    from clipfleet.producer.fleet import free_port
+    monkeypatch.setenv("CLIPFLEET_CC_BASE", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(ValueError) as caught:
+        crawl_inputs(CRAWL, 1)
+    message = str(caught.value)
+    assert message.startswith("Common Crawl cannot be reached at http://127.0.0.1:")
+    assert "Connection refused" in message and "CLIPFLEET_CC_BASE" in message and "\n" not in message
+
+
 @pytest.mark.parametrize("crawl, count, message", [
     (CRAWL, 21, "has 20 WAT segments"), (CRAWL, 0, "at least 1"),
     ("CC-MAIN-2099-01", 1, "no WAT listing"), ("not-a-crawl", 1, "not a crawl id")])

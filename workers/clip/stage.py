@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipfleet.shared import layout
+from clipfleet.shared.models.cache import copy_to_machine
 from clipfleet.shared.models.runtime import choose_device, encoder, split_threads
 from clipfleet.shared.pipeline import Stage, StageOutput, Stats
 from clipfleet.shared.stages import REGISTRY
@@ -55,8 +56,9 @@ class ClipStage(Stage):
     def encoders(self) -> dict:
         """model name -> Encoder, each loaded once per process (shared with the embed stage)."""
         o = self.options
-        return {name: encoder(name, o.clip_device, o.clip_precision, o.clip_threads)
-                for name in dict.fromkeys(self.models.values())}
+        names = list(dict.fromkeys(self.models.values()))
+        copy_to_machine(names, self.run_config.store)  # from the run's model cache, once per machine
+        return {name: encoder(name, o.clip_device, o.clip_precision, o.clip_threads) for name in names}
 
     def pool(self) -> ThreadPoolExecutor:
         if self._pool is None:  # created in the worker process, on first use

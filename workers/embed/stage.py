@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipfleet.shared import layout
+from clipfleet.shared.models.cache import copy_to_machine
 from clipfleet.shared.models.runtime import choose_device, encoder, split_threads
 from clipfleet.shared.pipeline import Stage, StageOutput, Stats
 from clipfleet.shared.storage import Store
@@ -46,6 +47,7 @@ class EmbedStage(Stage):
 
     def encoder(self):
         o = self.options
+        copy_to_machine([o.embed_model], self.run_config.store)  # from the run's model cache, once per machine
         return encoder(o.embed_model, o.embed_device, o.embed_precision, o.embed_threads)
 
     def pool(self) -> ThreadPoolExecutor:

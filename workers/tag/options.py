@@ -9,6 +9,9 @@ from clipfleet.shared.options import option
 def _check_spec(spec: str) -> str | None:
     if spec in ("auto", "none", ""):
         return None
+    if spec.startswith("laion:"):  # LAION's released file, fetched into the model cache by run's preflight
+        from clipfleet.shared.models.laion_heads import KINDS
+        return None if spec[len("laion:"):] in KINDS else f"{spec!r}: laion:KIND with KIND one of {', '.join(KINDS)}"
     from clipfleet.shared.models.heads import HeadError, parse_spec
     try:
         parse_spec(spec)
@@ -26,7 +29,8 @@ def _check_specs(specs) -> str | None:
 
 
 _HEAD_HELP = ("auto (the head shipped with --embed-model, if any), none (a null column), "
-              "shapes:TAG, mlp:FILE (from train-head)")
+              "shapes:TAG, mlp:FILE (from train-head), laion:KIND (LAION's released file, fetched "
+              "once into the model cache)")
 
 
 @dataclass
