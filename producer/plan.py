@@ -190,7 +190,8 @@ def from_bench(path: str) -> dict[str, Figure]:
 def from_store(uri: str) -> tuple[dict[str, Figure], list[str], int]:
     """Rates and rates of loss from a run's markers; (figures, notes, the run's image size)."""
     from clipfleet.producer.report import read_stages
-    from clipfleet.shared.runconfig import RUN_FILE, RunConfig
+    from clipfleet.shared.layout import RUN_FILE
+    from clipfleet.shared.runconfig import RunConfig
     from clipfleet.shared.storage import Store
     store = Store(uri)
     if not store.exists(RUN_FILE):
