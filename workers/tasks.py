@@ -39,20 +39,25 @@ ONCE_BUSY_RETRY_S = 15.0
 
 
 def register_tasks(spec: StageSpec) -> None:
-    """The Celery task of `spec`'s stage and of its run-once tasks (a no-op when registered)."""
+    """The Celery task of `spec`'s stage and of its run-once tasks (a no-op when registered).
+    The stage's module is imported here, at the worker's start: a broken stage fails it there."""
     if spec.task_name not in app.tasks:
+        stage_cls = spec.stage_class()
+
         @app.task(name=spec.task_name, base=ShardTask)
         def shard_task(store_uri: str, shard: int, **inputs) -> dict:
-            return run_stage(spec.stage_class(), store_uri, shard, **inputs)
+            return run_stage(stage_cls, store_uri, shard, **inputs)
     for name, target in spec.run_once.items():
         if f"clipfleet.{name}" not in app.tasks:
             _register_once(name, target)
 
 
 def _register_once(name: str, target: str) -> None:
+    once_cls = load(target)
+
     @app.task(name=f"clipfleet.{name}", base=ShardTask)
     def once_task(store_uri: str, key: str) -> dict:
-        return run_once(load(target), store_uri, key)
+        return run_once(once_cls, store_uri, key)
 
 
 @functools.lru_cache(maxsize=16)

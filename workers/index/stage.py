@@ -131,7 +131,10 @@ class TrainIndex(_Index, RunOnce):
         if trained(self.state(store)) is not None:
             return None
         state = self.state(store)
-        if (state.stage("embed").samples_out or 0) >= self.options.index_train_after:
+        embedded = state.stage("embed").samples_out  # O(1) with the run index
+        if embedded is None:  # a marker without the count: the arrays' headers say it
+            embedded = sum(embedded_counts(state).values())
+        if embedded >= self.options.index_train_after:
             return TRAIN_KEY
         return TRAIN_KEY if state.stage("index").upstream_complete else None
 
@@ -206,9 +209,9 @@ class TrainIndex(_Index, RunOnce):
                     log.error("index %s: %s", name, exc)
                     store.write_deadletter(PART_MARKERS, name, {"error": f"BadEmbeddings: {exc}"})
                     continue
-                marker = store.commit(PART_MARKERS, name, files, {"stats": {"vectors": n}})
+                part = store.commit(PART_MARKERS, name, files, {"stats": {"vectors": n}})
                 if self.run_index is not None:
-                    self.run_index.record(PART_MARKERS, None, marker)
+                    self.run_index.record(PART_MARKERS, None, part)
 
 
 class MergeIndex(_Index, RunOnce):
