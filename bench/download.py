@@ -16,6 +16,8 @@ this shared machine hits all of them alike.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -27,11 +29,13 @@ import time
 from multiprocessing import get_context
 from pathlib import Path
 
-SAMPLES = int(os.environ.get("CLIPFLEET_BENCH_DOWNLOAD_SAMPLES", 3000))
+from bench.sizes import repeats, size
+
+SAMPLES = size("DOWNLOAD_SAMPLES")
 SHARD_SIZE = 500
 PROCESSES = 2
 THREADS = 64
-REPEATS = 5
+REPEATS = repeats(5)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -149,7 +153,11 @@ def run_clipfleet(url_list: Path, store_dir: Path, fleet) -> float:
     app, client = make_app(fleet.broker), redis.Redis.from_url(fleet.broker)
     started = time.perf_counter()
     runlib.enqueue(app, client, store, first)
-    state = runlib.follow(store, ["download"], first, poll_s=0.05, show_progress=False)
+    # follow(show_progress=False) stops with "'tqdm' object has no attribute 'unit'"
+    # (producer/run.py, follow: `bar.unit` is read before it is set, and a disabled tqdm never
+    # sets it), so the bars are drawn, into a buffer nobody reads.
+    with contextlib.redirect_stderr(io.StringIO()):
+        state = runlib.follow(store, ["download"], first, poll_s=0.05, show_progress=True)
     seconds = time.perf_counter() - started
     if state[0].failed:
         raise RuntimeError(f"clipfleet: shards failed: {sorted(state[0].failed)}")

@@ -29,9 +29,11 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urljoin
 
-SAMPLES = 120_000   # images in the bench world: about 32k WAT records, a few seconds each way
+from bench.sizes import repeats, size
+
+SAMPLES = size("EXTRACT_SAMPLES")  # images in the bench world: about 32k WAT records at 120 000
 WAT_FILES = 4
-REPEATS = 3         # best of, against noise from other work on the machine
+REPEATS = repeats(3)  # best of, against noise from other work on the machine
 
 
 def make_wats(directory: Path, samples: int = SAMPLES, wat_files: int = WAT_FILES, seed: int = 1) -> list[str]:

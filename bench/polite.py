@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-SAMPLES = int(os.environ.get("CLIPFLEET_BENCH_POLITE_SAMPLES", 3000))
+from bench.sizes import size
+
+SAMPLES = size("POLITE_SAMPLES")
 CAPACITY = 60.0
-CAPACITY_SAMPLES = 1200
+CAPACITY_SAMPLES = size("POLITE_CAPACITY_SAMPLES")
 ROBOTS_HOSTS = 10
-ROBOTS_PER_HOST = 30
+ROBOTS_PER_HOST = size("POLITE_ROBOTS_PER_HOST")
 REPO = Path(__file__).resolve().parents[1]
 
 
