@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Iterator
 from urllib.parse import urljoin, urlparse, urlsplit
 
+from clipfleet.workers.extract.fastjson import record_parts
 from clipfleet.workers.extract.options import ExtractOptions
 from clipfleet.workers.extract.wat import iter_record_payloads
 
@@ -23,6 +24,10 @@ from clipfleet.workers.extract.wat import iter_record_payloads
 def page_links(body: bytes, stats: Counter) -> tuple[str, str, list] | None:
     """(page URL, base URL for relative links, Links) of one WAT record, or None when it
     holds no HTML links; a broken record is counted under why it is broken."""
+    fast = record_parts(body)
+    if fast is not None:
+        page_url, links, head = fast
+        return _page(page_url, links, head, stats) if _is_text(page_url) else _malformed(stats)
     try:
         doc = json.loads(body)
     except UnicodeDecodeError:
@@ -45,9 +50,17 @@ def page_links(body: bytes, stats: Counter) -> tuple[str, str, list] | None:
         stats["not_html"] += 1
         return None
     if not isinstance(page_url, str) or not isinstance(links, list) or not _is_text(page_url):
-        stats["malformed_record"] += 1
-        return None
-    head = html.get("Head")
+        return _malformed(stats)
+    return _page(page_url, links, html.get("Head"), stats)
+
+
+def _malformed(stats: Counter) -> None:
+    stats["malformed_record"] += 1
+    return None
+
+
+def _page(page_url: str, links: list, head, stats: Counter) -> tuple[str, str, list] | None:
+    """page_links' answer once the record's page URL, Links and Head are known."""
     if isinstance(head, dict) and head.get("Metas") and meta_opt_out(head["Metas"]):
         # <meta name="robots" content="noai"> and the like: the page's images are never
         # downloaded. Each image link is counted under its own reason, as every dropped link is.
