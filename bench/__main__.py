@@ -51,6 +51,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def save(results: dict) -> None:
+    """Into RESULTS; benches not run this time keep their last entry (with its own date)."""
+    RESULTS.parent.mkdir(exist_ok=True)
+    kept = {}
+    if RESULTS.exists():
+        try:
+            kept = json.loads(RESULTS.read_text())
+        except ValueError:
+            kept = {}
+    RESULTS.write_text(json.dumps({**kept, **results}, indent=1, default=str))
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     # Sizes are read when a bench module is imported, so these are set before any import.
@@ -73,19 +85,12 @@ def main(argv: list[str]) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(time.time() - started),
             "scale": scale(), "command": "python -m bench " + " ".join(argv), **machine()}}
         print(f"({time.time() - started:.0f}s)", flush=True)
+        save(results)  # after every bench: a run cut short keeps what it measured
     print("\n=== ratios ===")
     for module_name, numbers in results.items():
         for key, value in numbers.items():
             if "ratio" in key and isinstance(value, (int, float)):
                 print(f"{module_name:>16} {key:<44} {value:6.2f}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    kept = {}
-    if RESULTS.exists():  # benches not run this time keep their last entry (with its own date)
-        try:
-            kept = json.loads(RESULTS.read_text())
-        except ValueError:
-            kept = {}
-    RESULTS.write_text(json.dumps({**kept, **results}, indent=1, default=str))
     if failed:
         print(f"failed: {', '.join(failed)}", flush=True)
     return 1 if failed else 0
