@@ -32,11 +32,13 @@ import pyarrow as pa
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".bench" / "clip-retrieval"
-SAMPLES = int(os.environ.get("CLIPFLEET_BENCH_CLIP_SAMPLES", 256))
+from bench.sizes import repeats, size
+
+SAMPLES = size("CLIP_SAMPLES")
 SMALL = 64  # clip-retrieval's reference run, for its startup cost
 SHARD_SIZE = 192
 BATCH = int(os.environ.get("CLIPFLEET_BENCH_CLIP_BATCH", 64))
-REPEATS = 3
+REPEATS = repeats(3)
 ARCH = "ViT-B-32"
 
 
@@ -89,12 +91,14 @@ def random_checkpoint(path: Path, arch: str = ARCH) -> str:
 
 def ensure_clip_retrieval() -> Path:
     """clip-retrieval 2.45 in its own venv, sharing this venv's torch through a .pth file."""
-    python = VENV / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import clip_retrieval"],
-                                          capture_output=True).returncode == 0:
+    python, stamp = VENV / "bin" / "python", VENV / ".installed"
+    # A stamp written last, not `import clip_retrieval`: the .pth below makes this venv's
+    # --no-deps copy importable there too, so a half-made venv (an install cut short) passed
+    # that check and the run then stopped on a missing bin/clip-retrieval.
+    if stamp.exists() and (VENV / "bin" / "clip-retrieval").exists():
         return VENV
-    print("installing clip-retrieval 2.45 into .bench/clip-retrieval", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    print("installing clip-retrieval 2.45 into .bench/clip-retrieval (once)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
     ours = next(p for p in sys.path if p.endswith("site-packages"))
     theirs = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                             capture_output=True, text=True, check=True).stdout.strip()
@@ -104,6 +108,14 @@ def ensure_clip_retrieval() -> Path:
     subprocess.run(pip + ["clip-retrieval==2.45.0"], check=True)
     # torch 2.14.1 asks for setuptools>=77 in its metadata; clip-retrieval needs <70 at run time.
     subprocess.run(pip + ["--no-deps", "setuptools<70"], check=True)
+    # The project's venv has clip-retrieval too (--no-deps, for ClipClient), which the .pth shows
+    # to pip here: it took the package as installed and left out its own copy and its
+    # bin/clip-retrieval script. Installed again here, into this venv, without its dependencies.
+    subprocess.run(pip + ["--no-deps", "--force-reinstall", "--ignore-installed", "clip-retrieval==2.45.0"], check=True)
+    if not (VENV / "bin" / "clip-retrieval").exists():
+        raise RuntimeError(f"clip-retrieval installed without its script {VENV / 'bin' / 'clip-retrieval'}")
+    subprocess.run([str(python), "-c", "import clip_retrieval.clip_inference.main"], check=True)
+    stamp.touch()
     return VENV
 
 

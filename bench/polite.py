@@ -3,7 +3,9 @@
 Three rows, side by side in one run, every command with its defaults (as a new user runs them):
 - fast host: SAMPLES images from nginx on 127.0.0.1; `img2dataset --url_list ...` against
   `clipfleet run --urls ... --until download --allow-private-addresses`, each timed as a whole
-  process (start to exit: clipfleet starts its own Redis and workers inside that time);
+  process (start to exit: clipfleet starts its own Redis and workers inside that time); then
+  the same at LARGE_SAMPLES (the same images under distinct URLs, `?n=i`, which nginx serves
+  as the file: both tools fetch every one);
 - capacity-limited host: CAPACITY_SAMPLES images from a sandbox host that takes CAPACITY
   requests/s (token bucket, 429 + Retry-After: 1 above it, latency growing with load);
   clipfleet with its defaults; the rate the host itself served (first to last 200) over its
@@ -24,11 +26,14 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-SAMPLES = int(os.environ.get("CLIPFLEET_BENCH_POLITE_SAMPLES", 3000))
+from bench.sizes import size
+
+SAMPLES = size("POLITE_SAMPLES")
 CAPACITY = 60.0
-CAPACITY_SAMPLES = 1200
+CAPACITY_SAMPLES = size("POLITE_CAPACITY_SAMPLES")
 ROBOTS_HOSTS = 10
-ROBOTS_PER_HOST = 30
+ROBOTS_PER_HOST = size("POLITE_ROBOTS_PER_HOST")
+LARGE_SAMPLES = size("POLITE_LARGE_SAMPLES")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +65,19 @@ def write_urls(path: Path, urls: list[str]) -> None:
     pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}), path)
 
 
+def fast_host(img2dataset: str, urls: Path, work: Path, env: dict) -> tuple[float, int, float, int, float]:
+    """(img2dataset s, its successes, clipfleet s, its successes, clipfleet's politeness wait
+    thread-s): both whole processes with their defaults on the same URL list."""
+    i2d_s = timed([img2dataset, "--url_list", str(urls), "--input_format", "parquet",
+                   "--output_folder", str(work / "i2d")], env)
+    i2d_ok = sum(json.loads(p.read_text())["successes"] for p in (work / "i2d").glob("*_stats.json"))
+    ours_s = clipfleet_run(urls, work / "store", env)
+    stats = marker_stats(work / "store")
+    shutil.rmtree(work, ignore_errors=True)  # the images: GBs at large sizes
+    return i2d_s, i2d_ok, ours_s, sum(s.get("success", 0) for s in stats), \
+        sum(s.get("politeness_wait_s", 0) for s in stats)
+
+
 def main() -> dict:
     import pyarrow.parquet as pq
     from bench.download import start_nginx, stop
@@ -84,12 +102,14 @@ def main() -> dict:
 
         # -- fast host: whole processes, both with their defaults
         img2dataset = shutil.which("img2dataset", path=str(Path(sys.executable).parent)) or "img2dataset"
-        i2d_s = timed([img2dataset, "--url_list", str(work / "fast.parquet"), "--input_format", "parquet",
-                       "--output_folder", str(work / "i2d")], env)
-        i2d_ok = sum(json.loads(p.read_text())["successes"] for p in (work / "i2d").glob("*_stats.json"))
-        ours_s = clipfleet_run(work / "fast.parquet", work / "fast-store", env)
-        ours_ok = successes(work / "fast-store")
-        fast_wait = sum(s.get("politeness_wait_s", 0) for s in marker_stats(work / "fast-store"))
+        i2d_s, i2d_ok, ours_s, ours_ok, fast_wait = fast_host(img2dataset, work / "fast.parquet", work / "fast", env)
+        if LARGE_SAMPLES:
+            write_urls(work / "large.parquet", [f"{urls[i % len(urls)]}?n={i}" for i in range(LARGE_SAMPLES)])
+            large = fast_host(img2dataset, work / "large.parquet", work / "large", env)
+            result.update({"large_samples": LARGE_SAMPLES, "large_img2dataset_defaults_s": round(large[0], 1),
+                           "large_clipfleet_defaults_s": round(large[2], 1), "large_img2dataset_successes": large[1],
+                           "large_clipfleet_successes": large[3],
+                           "ratio_large_img2dataset_time_over_clipfleet_time": round(large[0] / large[2], 2)})
 
         # -- capacity-limited host
         with TestHost(work / "world/web", capacity=CAPACITY, burst=CAPACITY, base_latency=0.005) as host:
@@ -121,7 +141,7 @@ def main() -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
     result = {
-        "samples": SAMPLES, "img2dataset_defaults_s": round(i2d_s, 1), "clipfleet_defaults_s": round(ours_s, 1),
+        **result, "samples": SAMPLES, "img2dataset_defaults_s": round(i2d_s, 1), "clipfleet_defaults_s": round(ours_s, 1),
         "img2dataset_successes": i2d_ok, "clipfleet_successes": ours_ok, "politeness_wait_s": round(fast_wait, 1),
         "ratio_img2dataset_time_over_clipfleet_time": round(i2d_s / ours_s, 2),
         "capacity_per_s": CAPACITY, "capacity_samples": CAPACITY_SAMPLES, "capacity_successes": cap_ok,
@@ -138,6 +158,11 @@ def main() -> dict:
           f"{fast_wait:.1f} thread-s)")
     print(f"  img2dataset time / clipfleet time = {result['ratio_img2dataset_time_over_clipfleet_time']:.2f}x"
           f"  (goal >= 2)")
+    if LARGE_SAMPLES:
+        print(f"  at {LARGE_SAMPLES} images: {result['large_img2dataset_defaults_s']:.1f} s vs "
+              f"{result['large_clipfleet_defaults_s']:.1f} s ({result['large_img2dataset_successes']} and "
+              f"{result['large_clipfleet_successes']} ok): "
+              f"{result['ratio_large_img2dataset_time_over_clipfleet_time']:.2f}x  (goal >= 2)")
     print(f"capacity-limited host ({CAPACITY:g} requests/s, 429 above), {CAPACITY_SAMPLES} images, defaults:")
     print(f"  served {achieved:.1f}/s = {result['ratio_achieved_over_capacity']:.2f} of capacity (goal >= 0.7); "
           f"429 share {100 * result['share_429']:.1f}% (goal <= 10%); {cap_ok} ok")

@@ -31,15 +31,17 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = int(os.environ.get("CLIPFLEET_BENCH_SEARCH_SAMPLES", 200_000))
+from bench.sizes import repeats, size
+
+SAMPLES = size("SEARCH_SAMPLES")
 SHARD = 20_000
 DIM = 128          # the shapes model's
 NLIST, NPROBE = 1024, 16
 K = 40             # ClipClient's num_images
 CONCURRENCY = int(os.environ.get("CLIPFLEET_BENCH_SEARCH_CONCURRENCY", 8))
-REQUESTS = 3000
+REQUESTS = size("SEARCH_REQUESTS")
 TIME_LIMIT = 30.0
-REPEATS = 3
+REPEATS = repeats(3)
 WORKERS = 2
 
 

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLES = 10_000
-REPEATS = 3
+from bench.sizes import repeats, size
+
+SAMPLES = size("TAG_SAMPLES")
+REPEATS = repeats(3)
 
 
 def make_shard(root: Path, dim: int, samples: int = SAMPLES, seed: int = 0) -> None:

@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Iterator
 from urllib.parse import urljoin, urlparse, urlsplit
 
+from clipfleet.workers.extract.fastjson import record_parts
 from clipfleet.workers.extract.options import ExtractOptions
 from clipfleet.workers.extract.wat import iter_record_payloads
 
@@ -23,6 +24,10 @@ from clipfleet.workers.extract.wat import iter_record_payloads
 def page_links(body: bytes, stats: Counter, metas: bool = True) -> tuple[str, str, list] | None:
     """(page URL, base URL for relative links, Links) of one WAT record, or None when it
     holds no HTML links; a broken record is counted under why it is broken."""
+    fast = record_parts(body)
+    if fast is not None:
+        page_url, links, head = fast
+        return _page(page_url, links, head, stats, metas) if _is_text(page_url) else _malformed(stats)
     try:
         doc = json.loads(body)
     except UnicodeDecodeError:
@@ -45,9 +50,17 @@ def page_links(body: bytes, stats: Counter, metas: bool = True) -> tuple[str, st
         stats["not_html"] += 1
         return None
     if not isinstance(page_url, str) or not isinstance(links, list) or not _is_text(page_url):
-        stats["malformed_record"] += 1
-        return None
-    head = html.get("Head")
+        return _malformed(stats)
+    return _page(page_url, links, html.get("Head"), stats, metas)
+
+
+def _malformed(stats: Counter) -> None:
+    stats["malformed_record"] += 1
+    return None
+
+
+def _page(page_url: str, links: list, head, stats: Counter, metas: bool = True) -> tuple[str, str, list] | None:
+    """page_links' answer once the record's page URL, Links and Head are known."""
     why = meta_opt_out(head["Metas"]) if metas and isinstance(head, dict) and head.get("Metas") else None
     if why:
         # <meta name="robots" content="noai">, <meta name="tdm-reservation" content="1"> and the

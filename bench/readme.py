@@ -1,0 +1,156 @@
+"""The README's benchmark table, regenerated from .bench/results.json in one command:
+
+    .venv/bin/python -m bench.readme            # rewrite README.md between its bench markers
+    .venv/bin/python -m bench.readme --print    # print the table only
+
+Each row says what was compared, the numbers and the ratio, and the command that gives it;
+the table's heading names the machine, the date and the scale of the run, so a quick
+`--scale` check is never read as a measurement. A bench missing from the file is a row saying so.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench table: begin (python -m bench.readme) -->", "<!-- bench table: end -->"
+
+
+def _x(value) -> str:
+    return f"**{value:.2f}×**" if isinstance(value, (int, float)) else "–"
+
+
+def _n(value, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else "–"
+
+
+def extract(r: dict) -> list[tuple[str, str, str]]:
+    return [("extract", "a cc2dataset-style loop (fastwarc, pysimdjson, md5 uid) plus fastText lid.176 on each pair, "
+             "same sandbox WATs, one process",
+             f"{_n(r.get('clipfleet_records_per_s'))} vs {_n(r.get('cc2dataset_style_records_per_s'))} records/s: "
+             f"{_x(r.get('extract_vs_cc2dataset_ratio'))} (goal ≥ 1.5); against the loop without language ID "
+             f"({_n(r.get('cc2dataset_style_no_lid_records_per_s'))}/s) {_x(r.get('extract_vs_cc2dataset_no_lid_ratio'))}; "
+             f"bare parse floor {_n(r.get('bare_parse_records_per_s'))}/s; ours includes hygiene, Redis dedup, parquet")]
+
+
+def download(r: dict) -> list[tuple[str, str, str]]:
+    setup = f"{r.get('processes')} processes × {r.get('threads')} threads, {_n(r.get('samples'))} images, best of several"
+    return [("download", f"img2dataset 1.47 in-process, same URLs from nginx on 127.0.0.1, 256 px border jpg q95, {setup}",
+             f"{_n(r.get('clipfleet_samples_per_s'))} vs {_n(r.get('img2dataset_samples_per_s'))} samples/s: "
+             f"{_x(r.get('ratio_clipfleet_over_img2dataset'))}"),
+            ("download", "a decode → resize → encode loop over the same bytes in memory (the floor)",
+             f"floor {_n(r.get('floor_samples_per_s'))} samples/s; floor / stage {_x(r.get('ratio_floor_over_clipfleet'))} "
+             "(goal ≤ 1.25)")]
+
+
+def polite(r: dict) -> list[tuple[str, str, str]]:
+    rows = [("download, whole process", f"`img2dataset` vs `clipfleet run --urls … --until download` (fleet start-up "
+             f"included), both with their defaults, {_n(r.get('samples'))} images from nginx on 127.0.0.1",
+             f"{r.get('img2dataset_defaults_s')} s vs {r.get('clipfleet_defaults_s')} s: "
+             f"{_x(r.get('ratio_img2dataset_time_over_clipfleet_time'))} (goal ≥ 2)")]
+    if r.get("large_samples"):
+        rows.append(("download, whole process", f"the same at {_n(r.get('large_samples'))} images",
+                     f"{r.get('large_img2dataset_defaults_s')} s vs {r.get('large_clipfleet_defaults_s')} s: "
+                     f"{_x(r.get('ratio_large_img2dataset_time_over_clipfleet_time'))} (goal ≥ 2)"))
+    rows += [("politeness: capacity-limited host", f"a host taking {r.get('capacity_per_s')} requests/s, "
+              f"{_n(r.get('capacity_samples'))} images, defaults",
+              f"served {_x(r.get('ratio_achieved_over_capacity'))} its capacity (goal ≥ 0.7), "
+              f"{100 * r.get('share_429', 0):.1f}% 429s (goal ≤ 10%)"),
+             ("politeness: robots.txt", f"{r.get('robots_hosts')} hosts, with and without --ignore-robots-txt",
+              f"{r.get('robots_requests_per_host')} request and {1000 * r.get('robots_s_per_host', 0):.0f} ms per host; "
+              f"run {r.get('robots_run_s')} s vs {r.get('ignore_robots_run_s')} s")]
+    return rows
+
+
+def clip(r: dict) -> list[tuple[str, str, str]]:
+    return [("clip", f"clip-retrieval 2.45 `inference` (own venv under .bench/, fp32 on CPU, marginal rate), "
+             f"the same {r.get('model', 'ViT-B-32 random weights')}, batch {r.get('batch_size')}, {r.get('samples')} samples",
+             f"fp32 both: {_n(r.get('stage_fp32_samples_per_s'), 1)} vs {_n(r.get('clip_retrieval_samples_per_s'), 1)} "
+             f"samples/s {_x(r.get('stage_fp32_vs_clip_retrieval_ratio'))} (goal ≥ 1.5); stage in bf16 "
+             f"{_x(r.get('stage_vs_clip_retrieval_ratio'))}"),
+            ("clip", "the bare image + text forward on pre-decoded tensors (the floor)",
+             f"floor / stage {_x(r.get('floor_over_stage_fp32_ratio', r.get('floor_over_stage_bf16_ratio')))} fp32, "
+             f"{_x(r.get('floor_over_stage_bf16_ratio'))} bf16 (goal ≤ 1.25)")]
+
+
+def tag(r: dict) -> list[tuple[str, str, str]]:
+    keys = [k for k in r if "ratio" in k]
+    return [("tag", "a pandas + mmh3 + webdataset script doing the same job on the same shard, CPU time",
+             "; ".join(f"{k.replace('_ratio', '').replace('_', ' ')} {_x(r[k])}" for k in keys))]
+
+
+def index(r: dict) -> list[tuple[str, str, str]]:
+    return [("index", f"autofaiss 2.18 `build_index`, same {_n(r.get('vectors'))} × {r.get('dim')} float16 embeddings, "
+             f"budget {r.get('memory')} ({r.get('index_key')}), same held-out queries",
+             f"build {r.get('autofaiss_build_cpu_s')} vs {r.get('stage_build_cpu_s')} CPU s: "
+             f"{_x(r.get('build_cpu_ratio (autofaiss / stage)'))}; recall@10 {_n(r.get('autofaiss_recall@10'), 3)} vs "
+             f"{_n(r.get('stage_recall@10'), 3)}; +10%: add vs rebuild {_x(r.get('add_vs_rebuild_cpu_ratio (rebuild / add)'))} "
+             "(goal ≥ 5)")]
+
+
+def search(r: dict) -> list[tuple[str, str, str]]:
+    keys = [k for k in r if "ratio" in k]
+    return [("search", "clip-retrieval `clip back` and a bare faiss loop on the same index",
+             "; ".join(f"{k.replace('_', ' ')} {_x(r[k])}" for k in keys))]
+
+
+ROWS = {"bench.extract": extract, "bench.download": download, "bench.polite": polite, "bench.clip": clip,
+        "bench.tag": tag, "bench.index": index, "bench.search": search}
+
+
+def table(results: dict) -> str:
+    runs = [r["_run"] for r in results.values() if isinstance(r, dict) and "_run" in r]
+    dates = sorted({run["date"][:10] for run in runs})
+    machines = sorted({f"{run['cpu']}, {run['cores']} cores" for run in runs})
+    scales = sorted({run["scale"] for run in runs})
+    lines = [f"Measured {' to '.join(dates[::max(1, len(dates) - 1)]) or '(never)'} on {'; '.join(machines) or '?'}"
+             + ("" if scales == [1.0] else f", at scale {', '.join(map(str, scales))} (a quick check, not a measurement)")
+             + "; regenerate with `python -m bench.readme` after `make bench`.", "",
+             "| stage | compared with | result | command |", "|---|---|---|---|"]
+    for name, rows in ROWS.items():
+        r = results.get(name)
+        if not r:
+            lines.append(f"| {name[6:]} | – | not in .bench/results.json | `python -m bench {name}` |")
+            continue
+        run = r.get("_run", {})
+        when = f" ({run['date']}, load {run.get('load_average_1m')})" if run else ""
+        for stage, compared, result in rows(r):
+            command = run.get("command") or f"python -m bench {name}"
+            lines.append(f"| {stage} | {compared} | {result}{when} | `{command.strip()}` |")
+    gpu = results.get("bench.gpu")
+    lines.append("| clip, embed on a GPU | `bench/gpu.py`: B/32 and L/14 through the stage's path, nvjpeg, fp16 | "
+                 + ("; ".join(f"{k} {v}" for k, v in gpu.items() if "per_s" in k) if gpu else
+                    "not measured: no GPU on this machine; `python -m bench.gpu --cpu` checks its path")
+                 + " | `python -m bench.gpu` |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+    parser = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(REPO / ".bench" / "results.json"))
+    parser.add_argument("--readme", default=str(REPO / "README.md"))
+    parser.add_argument("--print", action="store_true", help="print the table, leave README.md alone")
+    args = parser.parse_args(argv)
+    path = Path(args.results)
+    if not path.exists():
+        print(f"no {path}: run `make bench` (or `python -m bench`) first", file=sys.stderr)
+        return 1
+    text = table(json.loads(path.read_text()))
+    if args.print:
+        print(text)
+        return 0
+    readme = Path(args.readme)
+    old = readme.read_text()
+    if BEGIN not in old or END not in old:
+        print(f"{readme} has no bench table markers ({BEGIN} ... {END})", file=sys.stderr)
+        return 1
+    head, rest = old.split(BEGIN, 1)
+    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    print(f"rewrote the benchmark table of {readme} from {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
