@@ -95,8 +95,24 @@ def search(r: dict) -> list[tuple[str, str, str]]:
              "; ".join(f"{k.replace('_', ' ')} {_x(r[k])}" for k in keys))]
 
 
+def scale(r: dict) -> list[tuple[str, str, str]]:
+    d, st = r.get("dedup") or {}, r.get("state") or {}
+    sizes = sorted(int(k.split("_")[1]) for k in st if k.startswith("local_"))
+    biggest = sizes[-1] if sizes else None
+    local, s3 = st.get(f"local_{biggest}", {}), st.get(f"s3_{biggest}", {})
+    return [("dedup claims", "Redis's own memory figures after claiming the URLs of a run (goal ≤ 10 B a URL)",
+             f"**{_n(d.get('bytes_per_url'), 2)} B per URL** at {_n(d.get('urls'))} URLs; "
+             f"{d.get('false_drops')} false drops"),
+            ("run state", f"status, a progress tick and one index task's store calls at "
+             f"{', '.join(_n(n) for n in sizes)} shards × 4 stages (goal: status < 5 s local, < 20 s S3 at 100k; "
+             "calls per task constant)",
+             f"at {_n(biggest)}: status **{local.get('status_s')} s** local (first, reading every marker: "
+             f"{local.get('status_first_s')} s), **{s3.get('status_s')} s** S3 (moto); tick {local.get('tick_s')} s; "
+             f"store calls per task {sorted({v.get('task_store_ops') for v in st.values() if isinstance(v, dict) and 'task_store_ops' in v})}")]
+
+
 ROWS = {"bench.extract": extract, "bench.download": download, "bench.polite": polite, "bench.clip": clip,
-        "bench.tag": tag, "bench.index": index, "bench.search": search}
+        "bench.tag": tag, "bench.index": index, "bench.search": search, "bench.scale": scale}
 
 
 def table(results: dict) -> str:

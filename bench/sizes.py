@@ -26,6 +26,8 @@ SIZES = {
     "INDEX_VECTORS": (20_000, 5_000, "vectors (768-d) in the index bench"),
     "SEARCH_SAMPLES": (200_000, 20_000, "vectors in the search bench's index"),
     "SEARCH_REQUESTS": (3_000, 200, "requests per search bench run"),
+    "SCALE_DEDUP_URLS": (10_000_000, 200_000, "URLs claimed in the dedup bytes-per-URL measurement"),
+    "SCALE_SHARDS": (100_000, 1_000, "shards a stage in the largest run-state measurement (also 1/100, 1/10 of it)"),
 }
 
 
