@@ -18,13 +18,16 @@ from clipfleet.sandbox.web import make_sandbox
 from clipfleet.shared import layout
 from clipfleet.shared.models.cache import cache_uri_of, read_manifest
 from clipfleet.shared.storage import Store
-from tests.shared.hub_server import Hub, shapes_repo_files, vit_b32_weights
+from tests.shared.hub_server import (Hub, shapes_repo_files, vit_b32_weights, xlmr_clip_weights,
+                                     xlmr_tower_repo)
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "clipfleet.producer.cli"]
 # Where open_clip's pretrained table puts ViT-B-32/openai on the hub, and its preferred file.
 B32_REPO, B32_FILE = "timm/vit_base_patch32_clip_224.openai", "open_clip_model.safetensors"
 SHAPES_REPO = "clipfleet-test/shapes"
+# LAION's multilingual filter: open_clip's repo for it, and its text tower's repo.
+XLMR_REPO, TOWER_REPO = "laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k", "xlm-roberta-base"
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,10 @@ def hub(tmp_path_factory):
         server.add_file(B32_REPO, B32_FILE, vit_b32_weights(root / "b32"))
         for name, path in shapes_repo_files(root / "shapes").items():
             server.add_file(SHAPES_REPO, name, path)
+        for name, path in xlmr_tower_repo(root / "tower").items():
+            server.add_file(TOWER_REPO, name, path)
+        server.add_file(XLMR_REPO, B32_FILE, xlmr_clip_weights(root / "xlmr", server.url, root / "build-hf"))
+        server.requests.clear()  # building the checkpoint read the tower's config
         yield server
 
 
@@ -60,20 +67,25 @@ def wats(world) -> list[str]:
 
 
 @pytest.mark.timeout(600)
-def test_default_filter_model_is_fetched_once_for_the_fleet_and_every_shard_is_judged(tmp_path, isolated_state,
-                                                                                      world, hub):
+def test_default_models_are_fetched_once_for_the_fleet_and_every_shard_is_judged(tmp_path, isolated_state,
+                                                                                 world, hub):
     store_uri = str(tmp_path / "store")
-    # ViT-B-32/openai is the default English filter; LAION's multilingual default needs an
-    # XLM-R tokenizer no registry here ships, so other languages use the shapes repo on the hub.
-    proc = run_cli("run", "--wat", *wats(world), "--store", store_uri, "--until", "clip",
-                   "--allow-private-addresses", "--multilingual-filter-model", f"hf-hub:{SHAPES_REPO}",
-                   "--clip-batch-size", "16", env=hub_env(hub, tmp_path / "hf"))
+    # The defaults: ViT-B-32/openai for English, xlm-roberta-base-ViT-B-32/laion5b_s13b_b90k for
+    # the rest, each from where open_clip's pretrained table puts it on the hub. Their weights
+    # here are random, so thresholds of -1 keep every judged pair (a run that keeps nothing fails).
+    common = ["--wat", *wats(world), "--store", store_uri, "--until", "clip", "--allow-private-addresses",
+              "--clip-batch-size", "16", "--min-similarity-en", "-1", "--min-similarity-other", "-1"]
+    proc = run_cli("run", *common, env=hub_env(hub, tmp_path / "hf"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cache = cache_uri_of(store_uri)
-    assert f"model ViT-B-32/openai: fetched into the model cache {cache}" in proc.stdout
-    assert hub.gets(B32_REPO, B32_FILE) == 1
-    assert hub.gets(SHAPES_REPO, "open_clip_model.safetensors") == 1
+    multilingual = "xlm-roberta-base-ViT-B-32/laion5b_s13b_b90k"
+    for name in ("ViT-B-32/openai", multilingual):
+        assert f"model {name}: fetched into the model cache {cache}" in proc.stdout
+    assert hub.gets(B32_REPO, B32_FILE) == 1 and hub.gets(XLMR_REPO, B32_FILE) == 1
+    assert hub.gets(TOWER_REPO, "tokenizer.json") == 1 and hub.gets(TOWER_REPO, "config.json") == 1
     assert read_manifest(cache, "ViT-B-32/openai")["files"][0]["path"].endswith(B32_FILE)
+    tower = {f["path"].rsplit("/", 1)[1] for f in read_manifest(cache, multilingual)["files"]}
+    assert {B32_FILE, "config.json", "tokenizer.json", "tokenizer_config.json"} <= tower
 
     store = Store(store_uri)
     downloaded = {m["shard"]: m["stats"]["success"] for m in store.markers("download")}
@@ -84,15 +96,16 @@ def test_default_filter_model_is_fetched_once_for_the_fleet_and_every_shard_is_j
         rows = pq.read_table(io.BytesIO(store.read_bytes(layout.clip_shard(shard)))).to_pylist()
         assert len(rows) == marker["stats"]["samples"] == downloaded[shard]
         assert sum(marker["stats"]["judged_by"].values()) == len(rows)  # every sample had a caption here
+        assert all(r["kept"] and r["similarity"] is not None for r in rows)
         models |= {r["model"] for r in rows if r["model"]}
-    assert models == {"ViT-B-32/openai", f"hf-hub:{SHAPES_REPO}"}
+    assert models == {"ViT-B-32/openai", multilingual}
+    print("judged:", {s: m["stats"]["judged_by"] for s, m in judged.items()})
 
     # Run again on the same store: the cache answers, the hub is not asked again.
-    again = run_cli("run", "--wat", *wats(world), "--store", store_uri, "--until", "clip",
-                    "--allow-private-addresses", "--multilingual-filter-model", f"hf-hub:{SHAPES_REPO}",
-                    "--clip-batch-size", "16", env=hub_env(hub, tmp_path / "hf"))
+    again = run_cli("run", *common, env=hub_env(hub, tmp_path / "hf"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert hub.gets(B32_REPO, B32_FILE) == 1
+    assert "nothing to do" in again.stdout
+    assert hub.gets(B32_REPO, B32_FILE) == 1 and hub.gets(XLMR_REPO, B32_FILE) == 1
 
 
 @pytest.mark.parametrize("how", ["--offline", "HF_HUB_OFFLINE=1"])

@@ -66,13 +66,14 @@ class Hub:
 
             def _answer(self, body: bool):
                 path = self.path.split("?", 1)[0]
-                api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
+                # Repos are ORG/NAME, or a bare NAME as the hub's oldest ones (xlm-roberta-base).
+                tree = re.fullmatch(r"/api/models/([^/]+(?:/[^/]+)?)/tree/[^/]+(?:/(.+))?", path)
+                if tree:
+                    return self._tree(tree.group(1), tree.group(2) or "")
+                api = re.fullmatch(r"/api/models/([^/]+(?:/[^/]+)?)(?:/revision/[^/]+)?", path)
                 if api:
                     return self._listing(api.group(1))
-                tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+", path)
-                if tree:
-                    return self._tree(tree.group(1))
-                match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                match = re.fullmatch(r"/([^/]+(?:/[^/]+)?)/resolve/([^/]+)/(.+)", path)
                 if not match:
                     return self._error(404, "RepoNotFound")
                 repo, _, filename = match.groups()
@@ -110,12 +111,16 @@ class Hub:
                 if self.command == "GET":
                     self.wfile.write(payload)
 
-            def _tree(self, repo: str):
-                """The repo's files, as the hub's tree API lists them (snapshot_download reads it)."""
-                folder = hub.root / repo
-                if not folder.is_dir():
+            def _tree(self, repo: str, sub: str):
+                """The repo's files (under `sub`), as the hub's tree API lists them (snapshot_download
+                reads it; transformers asks for a folder of chat templates that is seldom there)."""
+                top = hub.root / repo
+                if not top.is_dir():
                     return self._error(404, "RepoNotFound")
-                entries = [{"type": "file", "path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
+                folder = top / sub
+                if not folder.is_dir():
+                    return self._error(404, "EntryNotFound")
+                entries = [{"type": "file", "path": p.relative_to(top).as_posix(), "size": p.stat().st_size,
                             "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
                            for p in sorted(folder.rglob("*")) if p.is_file()]
                 self._json(entries)
@@ -171,4 +176,46 @@ def vit_b32_weights(out: Path) -> Path:
     target = out / "open_clip_model.safetensors"
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(target))
+    return target
+
+
+def xlmr_tower_repo(out: Path) -> dict[str, Path]:
+    """A stand-in for the hub's `xlm-roberta-base` repo (the text tower of LAION's multilingual
+    filter): an XLM-R config, small (1 layer, 64 wide, 256 tokens) so the test stays fast, and
+    a tokenizer.json transformers loads as it loads the real one. open_clip builds the tower from
+    this config, so the checkpoint made by `xlmr_clip_weights` fits it."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig
+    out.mkdir(parents=True, exist_ok=True)
+    XLMRobertaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=514, type_vocab_size=1).save_pretrained(out)
+    words = ["<s>", "<pad>", "</s>", "<unk>"] + [chr(c) for c in range(0x20, 0x250)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>", cls_token="<s>", sep_token="</s>",
+                            model_max_length=512).save_pretrained(out)
+    return {p.name: p for p in out.iterdir() if p.is_file()}
+
+
+XLMR_ARCH = "xlm-roberta-base-ViT-B-32"
+
+
+def xlmr_clip_weights(out: Path, hub_url: str, hf_home: Path) -> Path:
+    """A checkpoint of open_clip's xlm-roberta-base-ViT-B-32 (random values, fp16 safetensors),
+    built in a process that reads the text tower's config from the hub at `hub_url`."""
+    import os
+    import subprocess
+    import sys
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "open_clip_model.safetensors"
+    code = ("import sys, torch, open_clip; from safetensors.torch import save_file; torch.manual_seed(0); "
+            f"m = open_clip.create_model({XLMR_ARCH!r}, pretrained=None, pretrained_hf=False); "
+            "save_file({k: v.detach().half().contiguous() for k, v in m.state_dict().items()}, sys.argv[1])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub_url, HF_HOME=str(hf_home))
+    subprocess.run([sys.executable, "-c", code, str(target)], env=env, check=True, timeout=300,
+                   capture_output=True)
     return target
