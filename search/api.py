@@ -19,6 +19,24 @@ MAX_EMBEDDING = 4096
 SampleId = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
+
+def _digits(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+def _number_or_blank(value, parse, message: str):
+    """clip front sends numbers as strings and '' for "none": None, the number, or `message`."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return parse(value.strip())
+        except ValueError:
+            raise ValueError(message) from None
+    return value
+
 class KnnQuery(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -50,27 +68,16 @@ class KnnQuery(BaseModel):
     @field_validator("aesthetic_score")
     @classmethod
     def _score(cls, value):
-        if value is None or value == "":
-            return None
-        if isinstance(value, str):
-            if not value.strip().isdigit():
-                raise ValueError("aesthetic_score must be an integer from 0 to 9, or ''")
-            value = int(value.strip())
-        if not 0 <= value <= 9:
+        value = _number_or_blank(value, _digits, "aesthetic_score must be an integer from 0 to 9, or ''")
+        if value is not None and not 0 <= value <= 9:
             raise ValueError("aesthetic_score must be from 0 to 9")
         return value
 
     @field_validator("aesthetic_weight")
     @classmethod
     def _weight(cls, value):
-        if value is None or value == "":
-            return None
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError("aesthetic_weight must be a number, or ''") from None
-        if not math.isfinite(value) or abs(value) > 100:
+        value = _number_or_blank(value, float, "aesthetic_weight must be a number, or ''")
+        if value is not None and (not math.isfinite(value) or abs(value) > 100):
             raise ValueError("aesthetic_weight must be a finite number from -100 to 100")
         return value
 
