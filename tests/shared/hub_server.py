@@ -102,14 +102,7 @@ class Hub:
                 if not folder.is_dir():
                     return self._error(404, "RepoNotFound")
                 files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-                payload = json.dumps({"id": repo, "sha": hub.commit(repo),
-                                      "siblings": [{"rfilename": f} for f in files]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command == "GET":
-                    self.wfile.write(payload)
+                self._json({"id": repo, "sha": hub.commit(repo), "siblings": [{"rfilename": f} for f in files]})
 
             def _tree(self, repo: str, sub: str):
                 """The repo's files (under `sub`), as the hub's tree API lists them (snapshot_download
