@@ -35,6 +35,8 @@ def register(store: Store, cfg: RunConfig) -> list[str]:
         return []
     existing = RunConfig.load(store)
     RunState(store, existing).unseal()  # this command may add shards: the next look lists the markers
+    cfg.created_at = existing.created_at  # the run's identity (dedup claims, the run state in Redis) stays
+    cfg.versions = existing.versions
     changed = existing.differences(cfg)
     if not changed:
         return []
@@ -46,8 +48,6 @@ def register(store: Store, cfg: RunConfig) -> list[str]:
                        f"({'stages ' + ', '.join(ran) + ' ran' if ran else 'registered'} with the old values); "
                        "rerun with its arguments (see its run.json), change only --until or the options "
                        "of stages that have not run, or use a new --store")
-    cfg.created_at = existing.created_at  # the run's identity (dedup claims) stays
-    cfg.versions = existing.versions
     cfg.save(store, updated_at=time.time())
     log.info("taking %s further: %s changed", store.uri, ", ".join(_flag(n) for n in changed))
     return changed
