@@ -83,6 +83,8 @@ class TestHost:
 
     # -- lifecycle
     def start(self) -> "TestHost":
+        if self._thread is not None:  # `with Case.start(...)` enters a started host: a second loop would never stop
+            return self
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="test-host", daemon=True)
         self._thread.start()
         return self
