@@ -366,5 +366,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script. Once the command is over, the process ends without tearing down native
+    thread pools: pyarrow's can still abort a finished command at interpreter exit with "terminate
+    called without an active exception" (apache/arrow#34314), turning a good run's exit 0 into -6."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -65,4 +65,4 @@ def test_every_module_of_the_tree_is_in_the_wheel(source, wheel):
 
 def test_the_console_script_points_into_the_namespace(wheel):
     [entry_points] = [name for name in wheel.namelist() if name.endswith(".dist-info/entry_points.txt")]
-    assert "clipfleet = clipfleet.producer.cli:main" in wheel.read(entry_points).decode()
+    assert "clipfleet = clipfleet.producer.cli:entry" in wheel.read(entry_points).decode()
