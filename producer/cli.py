@@ -161,7 +161,7 @@ def cmd_status(args) -> int:
 
 def cmd_takedown(args) -> int:
     from clipfleet.producer.takedown import run_takedown
-    return run_takedown(args.store, args.urls, args.hashes, args.reason)
+    return run_takedown(args.store, args.urls, args.hashes, args.reason, args.phashes)
 
 
 def cmd_demo(args) -> int:
@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = td.add_mutually_exclusive_group(required=True)
     which.add_argument("--urls", metavar="FILE", help="file or URI with one image URL a line")
     which.add_argument("--hashes", metavar="FILE", help="file or URI with one md5 or sha256 image hash a line")
+    which.add_argument("--phashes", metavar="FILE",
+                       help="file with one perceptual hash a line (phash:<16 hex>[/<max hamming distance>]) or "
+                            "the path of an image to hash: removes the picture's copies in the run (re-encoded, "
+                            "resized, lightly cropped) and blocklists them for later runs")
     td.add_argument("--reason", default="", help="why, kept in the takedown record under takedowns/")
     td.set_defaults(func=cmd_takedown)
 

@@ -19,11 +19,16 @@ URL_SHARD_SCHEMA = pa.schema([
 CLIP_SCHEMA = pa.schema([
     ("key", pa.string()), ("similarity", pa.float32()), ("kept", pa.bool_()), ("model", pa.string())])
 
+# images/{shard}.parquet: img2dataset's columns (workers/download/writer.py), then ours: the picture's
+# perceptual hash (16 hex digits, null without a picture) and whether it matched --decontaminate's
+# set (null when the run has none).
+IMAGE_EXTRA_FIELDS = [("phash", pa.string()), ("contaminated", pa.bool_())]
+
 EMBEDDING_METADATA_COLUMNS = ("key", "url", "caption", "similarity", "language", "width", "height")
 
 # The published dataset's parquet: LAION's column names, plus our key.
 DATASET_COLUMNS = ("key", "URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity",
-                   "punsafe", "pwatermark", "aesthetic", "hash")
+                   "punsafe", "pwatermark", "aesthetic", "hash", "phash")
 
 
 def url_shard(shard) -> str:

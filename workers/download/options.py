@@ -8,6 +8,11 @@ from clipfleet.workers.download.consent import CONVENTIONS, DEFAULT_RESPECT, che
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
 ENCODE_FORMATS = ("jpg", "png", "webp")
+DECONTAMINATE_MODES = ("mark", "drop")
+# Hamming distance (of 64 bits) within which two pHashes are one picture. Calibrated on the sandbox
+# world (tests/workers/download/test_phash.py): planted copies (re-encoded at quality 40, half
+# size, cropped 3%) come within it, distinct pictures stay well above.
+PHASH_DISTANCE = 10
 
 
 @dataclass
@@ -57,8 +62,15 @@ class DownloadOptions:
     robots_also: list[str] = option([], "robots.txt user-agent groups obeyed besides clipfleet's (each "
                                         "falling back to *), comma list, e.g. CCBot for URLs from Common Crawl",
                                     metavar="TOKENS")
-    blocklist: str | None = option(None, "file or URI of URLs and md5/sha256 digests (one a line) never stored",
-                                   metavar="FILE")
+    blocklist: str | None = option(None, "file or URI of URLs, md5/sha256 digests and phash:<16 hex>/<distance> "
+                                         "perceptual hashes (one a line) never stored", metavar="FILE")
+    decontaminate: str | None = option(None, "an evaluation set: a folder of its images or a parquet of their "
+                                             "`phash`; samples whose picture matches one are marked (images/ "
+                                             "column `contaminated`) or dropped", metavar="DIR|PARQUET")
+    decontaminate_mode: str = option("mark", "what --decontaminate does to a matching sample",
+                                     choices=DECONTAMINATE_MODES)
+    decontaminate_distance: int = option(PHASH_DISTANCE, "Hamming distance (of 64 bits) within which a picture "
+                                                         "matches a --decontaminate hash", check=not_negative)
 
     not_honoured: list[str] = field(default_factory=list)  # derived from the options above; no flag
 

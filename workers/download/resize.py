@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from clipfleet.workers.download.options import DownloadOptions
+from clipfleet.workers.download.phash import phash_bgr
 
 # The fleet runs a process per core and decodes small images: OpenCV's own worker threads
 # would only add synchronisation between them (img2dataset sets the same).
@@ -46,6 +47,7 @@ class ResizedImage:
     height: int
     original_width: int
     original_height: int
+    phash: str | None = None  # of the whole decoded picture, before any crop or border
 
 
 def sniff(data: bytes) -> Image.Image:
@@ -179,8 +181,9 @@ def resize_image(data: bytes, opts: DownloadOptions) -> ResizedImage:
         img = decode_bgr(data, header.format, width, height, (width, height))  # decoded all the same: a check
         keep = (opts.skip_reencode and header.format in _SAME_FORMAT[opts.encode_format]
                 and header.mode not in _ALPHA_MODES and "transparency" not in header.info)
-        return ResizedImage(data if keep else encode(img, opts), width, height, width, height)
+        return ResizedImage(data if keep else encode(img, opts), width, height, width, height, phash_bgr(img))
     target = target_size(width, height, opts)
-    img = decode_bgr(data, header.format, width, height, target)
-    img = crop_or_pad(scale_to(img, target), opts)
-    return ResizedImage(encode(img, opts), img.shape[1], img.shape[0], width, height)
+    img = scale_to(decode_bgr(data, header.format, width, height, target), target)
+    phash = phash_bgr(img)
+    img = crop_or_pad(img, opts)
+    return ResizedImage(encode(img, opts), img.shape[1], img.shape[0], width, height, phash)

@@ -33,6 +33,7 @@ from clipfleet.workers.download.consent import by_convention, run_warnings
 from clipfleet.workers.download.donottrain import DoNotTrain, url_refusal
 from clipfleet.workers.download.fetch import FetchFailed, Fetcher
 from clipfleet.workers.download.options import DownloadOptions
+from clipfleet.workers.download.phash import PhashList
 from clipfleet.workers.download.politeness import DomainLimiter, DomainLimits
 from clipfleet.workers.download.resize import ImageRejected, resize_image
 from clipfleet.workers.download.writer import ShardWriter, sample_key
@@ -51,6 +52,8 @@ class SampleResult:
     original_width: int | None = None
     original_height: int | None = None
     sha256: str | None = None
+    phash: str | None = None
+    contaminated: bool | None = None  # None: the run has no --decontaminate set
 
 
 def domain_limits(opts: DownloadOptions) -> DomainLimits:
@@ -81,14 +84,22 @@ def fetch_sample(url: str | None, fetcher: Fetcher, blocklist: Blocklist) -> Fet
     return Fetched(data, sha256)
 
 
-def resize_sample(fetched: Fetched, opts: DownloadOptions) -> SampleResult:
-    """The CPU side: decode, check, resize, encode."""
+def resize_sample(fetched: Fetched, opts: DownloadOptions, blocklist: Blocklist = Blocklist(),
+                  evalset: PhashList | None = None) -> SampleResult:
+    """The CPU side: decode, check, resize, encode; then the picture's perceptual hash is checked
+    against the blocklist's and the decontamination set's."""
     try:
         resized = resize_image(fetched.data, opts)
     except ImageRejected as exc:
         return SampleResult("failed_to_resize", str(exc))
+    if blocklist.phash.match(resized.phash):
+        return SampleResult("failed_to_download", "blocklisted phash", refused="blocklist phash")
+    contaminated = None if evalset is None else evalset.match(resized.phash) is not None
+    if contaminated and opts.decontaminate_mode == "drop":
+        return SampleResult("failed_to_download", "matches the decontamination set", refused="decontaminated")
     return SampleResult("success", None, None, resized.data, resized.width, resized.height,
-                        resized.original_width, resized.original_height, fetched.sha256)
+                        resized.original_width, resized.original_height, fetched.sha256, resized.phash,
+                        contaminated)
 
 
 def unexpected(url: str | None, exc: Exception) -> SampleResult:
@@ -165,7 +176,8 @@ def shared_pool(size: int) -> FetchPool:
 
 
 def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts: DownloadOptions,
-                   blocklist: Blocklist, pool: FetchPool, shard_size: int, stats_out: Stats) -> StageOutput:
+                   blocklist: Blocklist, pool: FetchPool, shard_size: int, stats_out: Stats,
+                   evalset: PhashList | None = None) -> StageOutput:
     """Fetch in the pool's threads; decode/resize/encode in this one, as results come.
 
     One CPU thread per process (the fleet runs a process per core) measured faster than
@@ -173,7 +185,7 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
     started = time.time()
     rows = urls.to_pylist()
     writer = ShardWriter(out, shard, urls.schema, opts.encode_format)
-    counts, refused = Counter(), Counter()
+    counts, refused, contaminated = Counter(), Counter(), 0
     results, room, stopping = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
     for _ in range(2 * pool.size):
         room.put(None)
@@ -186,17 +198,18 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
                 raise TransientError(f"redis unreachable for politeness: {result}") from result
             if isinstance(result, Fetched):
                 try:
-                    result = resize_sample(result, opts)
+                    result = resize_sample(result, opts, blocklist, evalset)
                 except Exception as exc:
                     result = unexpected(rows[index].get("url"), exc)
             room.put(None)
             counts[result.status] += 1
             if result.refused:
                 refused[result.refused] += 1
+            contaminated += bool(result.contaminated)
             meta = {**rows[index], "key": sample_key(index, shard, shard_size), "status": result.status,
                     "error_message": result.error_message, "width": result.width, "height": result.height,
                     "original_width": result.original_width, "original_height": result.original_height,
-                    "sha256": result.sha256}
+                    "sha256": result.sha256, "phash": result.phash, "contaminated": result.contaminated}
             writer.add(index, meta, result.image)
             stats_out.advance()  # a running shard's progress, for `clipfleet run` and status
     finally:
@@ -215,6 +228,8 @@ def download_shard(urls: pa.Table, shard: int, out: Path, fetcher: Fetcher, opts
         stats_out.drop(reason, counts[reason])
     for reason, n in sorted(refused.items()):
         stats_out.drop(reason, n, under="refused")
+    if evalset is not None:  # kept but marked; dropped ones are counted under refused
+        stats_out.add("contaminated", contaminated)
     for convention, n in by_convention(refused).items():  # the same refusals, by opt-out convention
         stats_out.add(convention, n, under="consent")
     # img2dataset's _stats.json says "successes" where its status_dict says "success"
@@ -235,6 +250,9 @@ class DownloadStage(Stage):
         super().__init__(run)
         self.blocklist = Blocklist.load(self.options.blocklist)
         self.do_not_train = DoNotTrain.load(self.options.do_not_train)
+        # Hashed once per worker process; a large set is better passed as a parquet of its hashes.
+        self.evalset = (PhashList.load(self.options.decontaminate, self.options.decontaminate_distance)
+                        if self.options.decontaminate else None)
         self._limiter = limiter
         self._resolver, self._connect = resolver, connect
         self._fetcher: Fetcher | None = None
@@ -261,7 +279,7 @@ class DownloadStage(Stage):
         waited_before = fetcher.limiter.waited_s if fetcher.limiter is not None else 0.0
         counts_before = fetcher.counted()
         output = download_shard(urls, shard, out, fetcher, self.options, self.blocklist,
-                                self.pool, self.run_config.input.shard_size, stats)
+                                self.pool, self.run_config.input.shard_size, stats, self.evalset)
         if fetcher.limiter is not None:  # thread-seconds spent waiting for a polite turn
             stats.put("politeness_wait_s", round(fetcher.limiter.waited_s - waited_before, 1))
         for name, value in sorted(fetcher.counted().items()):  # 429/503s, retries, robots.txt fetches

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipfleet.shared.layout import IMAGE_EXTRA_FIELDS
 from clipfleet.shared.storage import shard_name
 
 # img2dataset's columns after the input columns, in its order (compute_hash="sha256").
@@ -83,7 +84,7 @@ class ShardWriter:
         self.out_dir = out_dir
         self.name = shard_name(shard)
         self.encode_format = encode_format
-        self.schema = pa.schema(list(input_schema) + [pa.field(n, t) for n, t in RESULT_FIELDS
+        self.schema = pa.schema(list(input_schema) + [pa.field(n, t) for n, t in RESULT_FIELDS + IMAGE_EXTRA_FIELDS
                                                       if n not in input_schema.names])
         self.tar_path = out_dir / f"{self.name}.tar"
         self.tar = open(self.tar_path, "wb")

@@ -1,10 +1,12 @@
 """Takedown: remove samples after publication, without rebuilding anything (as Re-LAION removed
 links by lists of URLs and image hashes).
 
-A list of URLs or of md5/sha256 hashes (download's --blocklist format) is matched against every
-embedded shard: URLs against embeddings/metadata, hashes against the downloaded images' sha256
-(images/{shard}.parquet) and the published `hash` column. For what matched, in this order, so a
-takedown stopped half-way and run again finds the same samples and finishes:
+A list of URLs, md5/sha256 hashes or perceptual hashes (download's --blocklist format) is matched
+against every embedded shard: URLs against embeddings/metadata, hashes against the downloaded
+images' sha256 (images/{shard}.parquet) and the published `hash` column, perceptual hashes against
+images' `phash` within each entry's distance, so the copies already in the run go too. For what
+matched, in this order, so a takedown stopped half-way and run again finds the same samples and
+finishes:
 
 1. the global ids join `takedowns/ids.npy`: search never returns them from then on (the serving
    index filters them; a running server picks the list up within seconds), merges included;
@@ -45,7 +47,7 @@ class Match:
     row: int
     key: str
     url: str | None
-    by: str          # "url", "sha256" or "md5"
+    by: str          # "url", "sha256", "md5" or "phash"
     sha256: str | None = None
 
 
@@ -81,7 +83,7 @@ def embedded_shards(store: Store) -> list[int]:
 def find(store: Store, wanted: Blocklist, progress=None) -> tuple[list[Match], dict]:
     """Samples of the run that `wanted` lists, and the entries that matched nothing."""
     matches: list[Match] = []
-    seen_urls, seen_hashes = set(), set()
+    seen_urls, seen_hashes, seen_phashes = set(), set(), set()
     shards = embedded_shards(store)
     for shard in (progress(shards) if progress else shards):
         meta = _read_parquet(store, layout.embedding_metadata(shard), ["key", "url"])
@@ -90,13 +92,15 @@ def find(store: Store, wanted: Blocklist, progress=None) -> tuple[list[Match], d
         keys = meta.column("key").to_pylist()
         urls = meta.column("url").to_pylist()
         hashes = {}  # key -> {kind: digest}
-        for rel, columns in ((layout.image_shard(shard, "parquet"), ["key", "sha256", "md5"]),
+        phashes = {}  # key -> the picture's perceptual hash
+        for rel, columns in ((layout.image_shard(shard, "parquet"), ["key", "sha256", "md5", "phash"]),
                              (layout.dataset_shard(shard, "parquet"), ["key", "hash", "md5", "sha256"])):
             table = _read_parquet(store, rel, columns)
             if table is None:
                 continue
             for row in table.to_pylist():
-                for col in columns[1:]:
+                phashes.setdefault(row["key"], row.get("phash"))
+                for col in columns[1:]:  # a phash is 16 hex digits: never taken for md5/sha256
                     digest = str(row.get(col) or "").lower()
                     if _HEX.match(digest):
                         hashes.setdefault(row["key"], {})["md5" if len(digest) == 32 else "sha256"] = digest
@@ -110,10 +114,15 @@ def find(store: Store, wanted: Blocklist, progress=None) -> tuple[list[Match], d
                 if digests.get(kind) in (wanted.sha256 if kind == "sha256" else wanted.md5):
                     by = by or kind
                     seen_hashes.add(digests[kind])
+            listed = wanted.phash.match(phashes.get(key))
+            if listed:
+                by = by or "phash"
+                seen_phashes.add(listed)
             if by:
                 matches.append(Match(layout.global_id(shard, row), shard, row, key, url, by, digests.get("sha256")))
     not_found = {"urls": sorted(wanted.urls - seen_urls),
-                 "hashes": sorted((wanted.md5 | wanted.sha256) - seen_hashes)}
+                 "hashes": sorted((wanted.md5 | wanted.sha256) - seen_hashes)
+                 + [f"phash:{h}" for h in sorted(set(wanted.phash.entries) - seen_phashes)]}
     return matches, not_found
 
 
@@ -170,6 +179,7 @@ def _redact_metadata(store: Store, shard: int, rows: list[int]) -> None:
 
 def blocklist_lines(wanted: Blocklist, removed: list[Match]) -> list[str]:
     lines = sorted(wanted.urls) + [f"md5:{h}" for h in sorted(wanted.md5)] + [f"sha256:{h}" for h in sorted(wanted.sha256)]
+    lines += [f"phash:{h}/{d}" for h, d in sorted(wanted.phash.entries.items())]
     lines += [m.url for m in removed if m.url] + [f"sha256:{m.sha256}" for m in removed if m.sha256]
     return list(dict.fromkeys(lines))
 

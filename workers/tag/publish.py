@@ -1,8 +1,8 @@
 """The published shard: dataset/{shard}.parquet and .tar, kept samples only, in LAION's columns.
 
 The parquet has LAION-5B's column names (URL, TEXT, WIDTH, HEIGHT, LANGUAGE, similarity, punsafe,
-pwatermark, aesthetic, hash) plus our key and any user tag columns; the tar is webdataset's
-layout (KEY.jpg|png|webp, KEY.txt, KEY.json with the same fields), so webdataset, img2dataset
+pwatermark, aesthetic, hash) plus our key, the picture's perceptual hash `phash` (16 hex digits,
+from download) and any user tag columns; the tar is webdataset's layout (KEY.jpg|png|webp, KEY.txt, KEY.json with the same fields), so webdataset, img2dataset
 (parquet input with --url_col URL --caption_col TEXT) and open_clip's loader read it as it is.
 """
 from __future__ import annotations
@@ -88,7 +88,19 @@ def read_images(store: Store, shard: int, keys: set[str]) -> dict[str, tuple[str
     return found
 
 
-def dataset_table(meta: pa.Table, tags: pa.Table) -> pa.Table:
+def image_phashes(store: Store, shard: int) -> dict[str, str]:
+    """key -> the picture's perceptual hash, from images/{shard}.parquet (download computed it)."""
+    rel = layout.image_shard(shard, "parquet")
+    if not store.exists(rel):
+        return {}
+    with store.open(rel) as f:
+        table = pq.read_table(f)
+    if "phash" not in table.column_names:  # a run downloaded before perceptual hashes
+        return {}
+    return dict(zip(table.column("key").to_pylist(), table.column("phash").to_pylist()))
+
+
+def dataset_table(meta: pa.Table, tags: pa.Table, phashes: dict[str, str] | None = None) -> pa.Table:
     urls = meta.column("url").to_pylist()
     texts = meta.column("caption").to_pylist()
     columns = {
@@ -103,6 +115,7 @@ def dataset_table(meta: pa.Table, tags: pa.Table) -> pa.Table:
     for name in tags.column_names[1:]:
         columns[name] = tags.column(name)
     columns["hash"] = pa.array([laion_hash(u, t) for u, t in zip(urls, texts)], pa.int64())
+    columns["phash"] = pa.array([(phashes or {}).get(k) for k in columns["key"].to_pylist()], pa.string())
     order = [c for c in layout.DATASET_COLUMNS if c in columns]
     order += [c for c in columns if c not in order]  # user tag columns after LAION's
     return pa.table({c: columns[c] for c in order})
@@ -114,9 +127,10 @@ def _json_value(value):
     return value
 
 
-def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard: int, stats) -> dict:
+def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard: int, stats,
+                  phashes: dict[str, str] | None = None) -> dict:
     """Write the published parquet and tar into `out`; returns {store path: local file}."""
-    table = dataset_table(meta, tags)
+    table = dataset_table(meta, tags, phashes)
     name = shard_name(shard)
     parquet_path, tar_path = out / f"dataset_{name}.parquet", out / f"dataset_{name}.tar"
     pq.write_table(table, parquet_path)
@@ -148,4 +162,4 @@ def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard
     return {layout.dataset_shard(shard, "parquet"): parquet_path, layout.dataset_shard(shard, "tar"): tar_path}
 
 
-__all__ = ["laion_hash", "read_tar", "read_images", "dataset_table", "write_dataset", "TarError"]
+__all__ = ["laion_hash", "read_tar", "read_images", "dataset_table", "write_dataset", "image_phashes", "TarError"]

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from clipfleet.shared.layout import IMAGE_EXTRA_FIELDS
 from clipfleet.shared.pipeline import execute
 from clipfleet.shared.storage import Store
 from tests.workers.download.conftest import make_run, make_stage, url_table, write_url_shard
@@ -65,11 +66,13 @@ def test_shard_is_written_in_img2datasets_layout(store_uri, redis_url, sandbox, 
     assert marker["outputs"] == ["images/00003.parquet", "images/00003.tar", "images/00003_stats.json"]
     rows, members = outputs(store, 3)
 
-    assert list(rows[0]) == ["url", "caption", "page_url", "language", "language_score", "uid"] + RESULT_COLUMNS
+    assert list(rows[0]) == ["url", "caption", "page_url", "language", "language_score", "uid"] + RESULT_COLUMNS \
+        + [name for name, _ in IMAGE_EXTRA_FIELDS]
     assert [r["key"] for r in rows] == [f"00003{i:04d}" for i in range(12)]
     expected = {r["url"]: r for r in truth.to_pylist()}
     for row in rows:
         assert row["status"] == "success" and row["error_message"] is None
+        assert len(row["phash"]) == 16 and row["contaminated"] is None  # no --decontaminate set
         assert row["sha256"] == expected[row["url"]]["sha256"]
         assert (row["original_width"], row["original_height"]) == (expected[row["url"]]["width"],
                                                                    expected[row["url"]]["height"])
@@ -139,13 +142,17 @@ def test_same_columns_keys_and_members_as_img2dataset(tmp_path, redis_url, sandb
     ours = pq.read_table(io.BytesIO(store.read_bytes("images/00000.parquet")))
     rows, members = outputs(store)
 
-    # The same columns; img2dataset's reader shuffles the input columns, we keep their order.
+    # The same columns, then ours (the perceptual hash and the decontamination mark); img2dataset's
+    # reader shuffles the input columns, we keep their order.
+    extra = [name for name, _ in IMAGE_EXTRA_FIELDS]
+    assert ours.schema.names[-len(extra):] == extra
+    ours = ours.drop_columns(extra)
     assert sorted(ours.schema.names) == sorted(theirs.schema.names)
     assert ours.schema.names[-len(RESULT_COLUMNS):] == theirs.schema.names[-len(RESULT_COLUMNS):] == RESULT_COLUMNS
     for name in RESULT_COLUMNS:
         assert ours.schema.field(name).type == theirs.schema.field(name).type, name
     assert sorted(members) == their_members
-    assert sorted(json.loads(next(v for k, v in members.items() if k.endswith(".json")))) == sorted(their_json)
+    assert sorted(json.loads(next(v for k, v in members.items() if k.endswith(".json")))) == sorted([*their_json, *extra])
     theirs_by_key = {r["key"]: r for r in theirs.to_pylist()}
     for row in rows:
         other = theirs_by_key[row["key"]]

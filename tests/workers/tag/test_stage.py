@@ -66,6 +66,10 @@ def test_published_dataset_has_laions_columns_and_only_kept_samples(store, truth
         assert row["similarity"] >= 0.7
     tags = read_parquet(store, layout.tag_shard(SHARD))
     assert data.column("punsafe").to_pylist() == tags.column("punsafe").to_pylist()
+    # the perceptual hash download computed, beside LAION's hash
+    images = read_parquet(store, layout.image_shard(SHARD, "parquet")).to_pylist()
+    phash = {row["key"]: row["phash"] for row in images}
+    assert all(row["phash"] and row["phash"] == phash[row["key"]] for row in data.to_pylist())
 
 
 def test_webdataset_reads_the_published_tar(store):
