@@ -124,6 +124,10 @@ class Page:
                 lost = (view.samples_in or 0) - (view.samples_out or 0)
                 self.add(f"<h3>{_e(stage)}: {_n(lost)} dropped</h3>")
                 self.table(["reason", "samples"], [[r, f"{n:,}"] for r, n in view.drops])
+        contaminated = views["download"].totals.get("contaminated") if "download" in views else None
+        if contaminated:  # --decontaminate's default marks: the samples stay, with a column that says so
+            self.note(f"download: {_n(contaminated)} samples match the decontamination set (--decontaminate): "
+                      "kept, marked in images/ column contaminated")
 
     def languages(self, views, samples: Samples) -> None:
         self.section("Language split", "languages")
