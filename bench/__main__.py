@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["bench.extract", "bench.download", "bench.polite", "bench.clip", "bench.tag", "bench.index", "bench.search",
+BENCHES = ["bench.extract", "bench.download", "bench.phash", "bench.polite", "bench.clip", "bench.tag", "bench.index", "bench.search",
            "bench.scale"]
 RESULTS = Path(".bench") / "results.json"
 

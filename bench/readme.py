@@ -44,6 +44,15 @@ def download(r: dict) -> list[tuple[str, str, str]]:
              "(goal ≤ 1.25)")]
 
 
+def phash(r: dict) -> list[tuple[str, str, str]]:
+    return [("download: perceptual hash", f"download's CPU side (decode, resize, encode, hash) with and without the "
+             f"pHash, {_n(r.get('samples'))} sandbox images in memory, one core, CPU time",
+             f"{r.get('phash_us')} µs a picture; {100 * r.get('phash_share_of_download_cpu_ratio', 0):.1f}% of "
+             f"{_n(r.get('download_cpu_side_per_s'))} samples/s per core (goal ≤ 10%)"
+             + (f"; {100 * r['phash_share_of_stage_per_core_ratio']:.1f}% of the stage's per-core rate (bench.download)"
+                if "phash_share_of_stage_per_core_ratio" in r else ""))]
+
+
 def polite(r: dict) -> list[tuple[str, str, str]]:
     rows = [("download, whole process", f"`img2dataset` vs `clipfleet run --urls … --until download` (fleet start-up "
              f"included), both with their defaults, {_n(r.get('samples'))} images from nginx on 127.0.0.1",
@@ -111,7 +120,7 @@ def scale(r: dict) -> list[tuple[str, str, str]]:
              f"store calls per task {sorted({v.get('task_store_ops') for v in st.values() if isinstance(v, dict) and 'task_store_ops' in v})}")]
 
 
-ROWS = {"bench.extract": extract, "bench.download": download, "bench.polite": polite, "bench.clip": clip,
+ROWS = {"bench.extract": extract, "bench.download": download, "bench.phash": phash, "bench.polite": polite, "bench.clip": clip,
         "bench.tag": tag, "bench.index": index, "bench.search": search, "bench.scale": scale}
 
 

@@ -15,6 +15,7 @@ import os
 SIZES = {
     "EXTRACT_SAMPLES": (120_000, 2_000, "images in the extract bench's sandbox WATs"),
     "DOWNLOAD_SAMPLES": (3_000, 200, "images the download bench fetches (stage vs img2dataset vs floor)"),
+    "PHASH_SAMPLES": (1_000, 200, "images decoded and hashed in the perceptual hash bench"),
     "POLITE_LARGE_SAMPLES": (20_000, 0, "images of the fast-host whole-process row at the larger size (0: off)"),
     "POLITE_SAMPLES": (3_000, 200, "images of the fast-host whole-process row"),
     "POLITE_CAPACITY_SAMPLES": (1_200, 120, "images from the capacity-limited host"),

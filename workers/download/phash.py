@@ -24,7 +24,8 @@ def phash_bgr(img: np.ndarray) -> str:
     fraction of Pillow's Lanczos from a full-size picture); imagehash does the DCT and median."""
     grey = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.ndim == 3 else img
     thumb = cv2.resize(grey, (HASH_SIDE, HASH_SIDE), interpolation=cv2.INTER_AREA)
-    return str(imagehash.phash(Image.fromarray(thumb)))
+    bits = imagehash.phash(Image.fromarray(thumb)).hash  # 8x8 booleans, row by row as str() prints them
+    return np.packbits(bits).tobytes().hex()  # str(ImageHash) in a tenth of its time
 
 
 def phash_bytes(data: bytes) -> str:
