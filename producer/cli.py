@@ -80,11 +80,29 @@ def run_config_from_args(args, store_uri: str) -> RunConfig:
     given = {name: from_args(cls, args) for name, cls in sections().items()}
     if given["download"].blocklist:
         given["download"].blocklist = checked_blocklist(given["download"].blocklist)
+    if given["download"].decontaminate:
+        given["download"].decontaminate = checked_evaluation_set(given["download"].decontaminate)
     if kind == "urls":  # before run.json is written: a fixed command must not meet "a different run"
         from clipfleet.producer.urls import input_columns
         for uri in inputs:
             input_columns(uri, given["input"].url_col, given["input"].caption_col)
     return RunConfig(store=store_uri, inputs=inputs, input_kind=kind, until=args.until or "", sections=given)
+
+
+def checked_evaluation_set(path: str) -> str:
+    """--decontaminate: an absolute path (workers may run in another directory) to a folder or a
+    parquet with a `phash` column, checked here rather than failing every download task."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return path
+    try:
+        import pyarrow.parquet as pq
+        names = pq.read_schema(path).names
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--decontaminate {path}: neither a folder of images nor a parquet ({exc})") from exc
+    if "phash" not in names:
+        raise ValueError(f"--decontaminate {path}: the parquet has no phash column (it has {', '.join(names)})")
+    return path
 
 
 def checked_blocklist(blocklist: str) -> str:

@@ -163,3 +163,16 @@ def test_models_eval_of_a_file_that_is_no_checkpoint(tmp_path):
     checkpoint.write_bytes(b"not a checkpoint")
     line = one_error_line(clipfleet("models", "eval", "--model", f"ViT-B-32/{checkpoint}"))
     assert "could not be loaded" in line
+
+
+def test_a_decontamination_set_that_is_neither_a_folder_nor_a_parquet_of_phashes_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    no_hashes = tmp_path / "eval.parquet"
+    pq.write_table(pa.table({"url": ["http://x/a.jpg"]}), no_hashes)
+    for given, says in ((tmp_path / "missing", "neither a folder of images nor a parquet"),
+                        (no_hashes, "the parquet has no phash column")):
+        result = clipfleet("run", "--urls", str(tmp_path / "urls.parquet"), "--store", str(tmp_path / "store"),
+                           "--decontaminate", str(given))
+        assert says in one_error_line(result)
+        assert not (tmp_path / "store" / "run.json").exists()
