@@ -28,7 +28,7 @@ EMBEDDING_METADATA_COLUMNS = ("key", "url", "caption", "similarity", "language",
 
 # The published dataset's parquet: LAION's column names, plus our key.
 DATASET_COLUMNS = ("key", "URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity",
-                   "punsafe", "pwatermark", "aesthetic", "hash", "phash")
+                   "punsafe", "pwatermark", "aesthetic", "hash", "phash", "contaminated")
 
 
 def url_shard(shard) -> str:

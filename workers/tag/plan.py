@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from clipfleet.shared.layout import DATASET_COLUMNS
 from clipfleet.shared.models.heads import Head, HeadError, embedding_dim, load_head, shipped_head_spec
 
 # LAION's columns, and the shipped `shapes` head that stands in for each.
 COLUMNS = {"punsafe": ("punsafe_head", "unsafe"), "pwatermark": ("pwatermark_head", "watermark"),
            "aesthetic": ("aesthetic_head", "aesthetic")}
-RESERVED = {"key", "URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity", "hash", *COLUMNS}
+RESERVED = {*DATASET_COLUMNS, *COLUMNS}  # the published columns: a user's head may not take one
 LAION_HINTS = {"punsafe": "nsfw-l14:FILE or nsfw-b32:FILE", "pwatermark": "watermark-effnet:FILE",
                "aesthetic": "aesthetic-l14:FILE"}
 

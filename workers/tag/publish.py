@@ -1,8 +1,8 @@
 """The published shard: dataset/{shard}.parquet and .tar, kept samples only, in LAION's columns.
 
 The parquet has LAION-5B's column names (URL, TEXT, WIDTH, HEIGHT, LANGUAGE, similarity, punsafe,
-pwatermark, aesthetic, hash) plus our key, the picture's perceptual hash `phash` (16 hex digits,
-from download) and any user tag columns; the tar is webdataset's layout (KEY.jpg|png|webp, KEY.txt, KEY.json with the same fields), so webdataset, img2dataset
+pwatermark, aesthetic, hash) plus our key, download's `phash` (the picture's perceptual hash, 16 hex
+digits) and `contaminated` (it matched --decontaminate's set) and any user tag columns; the tar is webdataset's layout (KEY.jpg|png|webp, KEY.txt, KEY.json with the same fields), so webdataset, img2dataset
 (parquet input with --url_col URL --caption_col TEXT) and open_clip's loader read it as it is.
 """
 from __future__ import annotations
@@ -20,6 +20,10 @@ from clipfleet.shared.storage import Store, shard_name
 # The download stage's ustar header builder: tarfile costs ~40 us a member in Python, which was
 # most of a shard's tagging time; the same goes for reading, hence read_tar below.
 from clipfleet.workers.download.writer import RECORD_SIZE, tar_header
+
+# Download's marks on each picture, published as they are: its perceptual hash, and whether it
+# matched the run's --decontaminate set (null without one).
+MARK_COLUMNS = dict(layout.IMAGE_EXTRA_FIELDS)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WRITE_BUFFER = 1024 * 1024
@@ -88,19 +92,18 @@ def read_images(store: Store, shard: int, keys: set[str]) -> dict[str, tuple[str
     return found
 
 
-def image_phashes(store: Store, shard: int) -> dict[str, str]:
-    """key -> the picture's perceptual hash, from images/{shard}.parquet (download computed it)."""
+def image_marks(store: Store, shard: int) -> dict[str, dict]:
+    """key -> {"phash", "contaminated"} from images/{shard}.parquet, where download put them."""
     rel = layout.image_shard(shard, "parquet")
     if not store.exists(rel):
         return {}
     with store.open(rel) as f:
         table = pq.read_table(f)
-    if "phash" not in table.column_names:  # a run downloaded before perceptual hashes
-        return {}
-    return dict(zip(table.column("key").to_pylist(), table.column("phash").to_pylist()))
+    names = [name for name in MARK_COLUMNS if name in table.column_names]  # none before perceptual hashes
+    return {row.pop("key"): row for row in table.select(["key", *names]).to_pylist()}
 
 
-def dataset_table(meta: pa.Table, tags: pa.Table, phashes: dict[str, str] | None = None) -> pa.Table:
+def dataset_table(meta: pa.Table, tags: pa.Table, marks: dict[str, dict] | None = None) -> pa.Table:
     urls = meta.column("url").to_pylist()
     texts = meta.column("caption").to_pylist()
     columns = {
@@ -115,7 +118,9 @@ def dataset_table(meta: pa.Table, tags: pa.Table, phashes: dict[str, str] | None
     for name in tags.column_names[1:]:
         columns[name] = tags.column(name)
     columns["hash"] = pa.array([laion_hash(u, t) for u, t in zip(urls, texts)], pa.int64())
-    columns["phash"] = pa.array([(phashes or {}).get(k) for k in columns["key"].to_pylist()], pa.string())
+    rows = [(marks or {}).get(k, {}) for k in columns["key"].to_pylist()]
+    for name, kind in MARK_COLUMNS.items():
+        columns[name] = pa.array([row.get(name) for row in rows], kind)
     order = [c for c in layout.DATASET_COLUMNS if c in columns]
     order += [c for c in columns if c not in order]  # user tag columns after LAION's
     return pa.table({c: columns[c] for c in order})
@@ -128,9 +133,9 @@ def _json_value(value):
 
 
 def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard: int, stats,
-                  phashes: dict[str, str] | None = None) -> dict:
+                  marks: dict[str, dict] | None = None) -> dict:
     """Write the published parquet and tar into `out`; returns {store path: local file}."""
-    table = dataset_table(meta, tags, phashes)
+    table = dataset_table(meta, tags, marks)
     name = shard_name(shard)
     parquet_path, tar_path = out / f"dataset_{name}.parquet", out / f"dataset_{name}.tar"
     pq.write_table(table, parquet_path)
@@ -162,4 +167,4 @@ def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard
     return {layout.dataset_shard(shard, "parquet"): parquet_path, layout.dataset_shard(shard, "tar"): tar_path}
 
 
-__all__ = ["laion_hash", "read_tar", "read_images", "dataset_table", "write_dataset", "image_phashes", "TarError"]
+__all__ = ["laion_hash", "read_tar", "read_images", "dataset_table", "write_dataset", "image_marks", "TarError"]

@@ -23,7 +23,7 @@ from clipfleet.shared.pipeline import Stage, StageOutput, Stats
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store, shard_name
 from clipfleet.workers.tag.plan import plan_run
-from clipfleet.workers.tag.publish import image_phashes, read_images, write_dataset
+from clipfleet.workers.tag.publish import image_marks, read_images, write_dataset
 
 
 @contextmanager
@@ -84,7 +84,7 @@ class TagStage(Stage):
         tags_path = out / f"tags_{shard_name(shard)}.parquet"
         pq.write_table(tags, tags_path)
         files = {layout.tag_shard(shard): tags_path}
-        files.update(write_dataset(meta, tags, images, out, shard, stats, image_phashes(store, shard)))
+        files.update(write_dataset(meta, tags, images, out, shard, stats, image_marks(store, shard)))
         return StageOutput(files=files)
 
     @staticmethod

@@ -96,4 +96,4 @@ def test_a_user_tag_head_adds_its_column(store, truth, tmp_path, capsys):
     assert tags.column_names == ["key", "punsafe", "pwatermark", "aesthetic", "red"]
     assert roc_auc(np.array(red), tags.column("red").to_numpy()) >= 0.95
     data = pq.read_table(io.BytesIO(store.read_bytes(layout.dataset_shard(SHARD, "parquet"))))
-    assert data.column_names[-2:] == ["hash", "red"]
+    assert data.column_names == [*layout.DATASET_COLUMNS, "red"]  # a user's column after the published ones
