@@ -5,6 +5,8 @@ pictures are not matched."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipfleet.producer.takedown import run_takedown
+from clipfleet.workers.download.blocklist import Blocklist
 from clipfleet.sandbox.server import SandboxServer
 from clipfleet.shared import layout
 from clipfleet.shared.storage import Store
@@ -76,6 +78,20 @@ def test_copies_are_near_their_original_and_distinct_pictures_are_not(world, tru
     assert false_matches <= 0.02
 
 
+def test_blocklist_lines_with_a_perceptual_hash_and_a_distance():
+    listed = Blocklist.parse(["# partners' list", "phash:00000000000000FF/3", "phash:ffffffffffffffff",
+                              "sha256:" + "a" * 64])
+    assert listed.phash.entries == {"00000000000000ff": 3, "ffffffffffffffff": PHASH_DISTANCE}
+    assert listed.sha256 == {"a" * 64}
+    assert listed.phash.match("000000000000007f") == "00000000000000ff"      # 1 bit apart
+    assert listed.phash.match("000000000000001f") == "00000000000000ff"      # 3 bits: the entry's own distance
+    assert listed.phash.match("000000000000000f") is None                    # 4 bits: over it
+    assert listed.phash.match(None) is None                                   # a sample without a picture
+    for bad in ("phash:123", "phash:zzzzzzzzzzzzzzzz/2", "phash:00000000000000ff/x"):
+        with pytest.raises(ValueError, match="phash:<16 hex>"):
+            Blocklist.parse([bad])
+
+
 def download(tmp_path: Path, name: str, redis_url: str, urls: list[str], **options):
     store, marker = run_shard(str(tmp_path / name), redis_url, urls, **options)
     rows, members = outputs(store)
@@ -106,7 +122,15 @@ def test_a_taken_down_pictures_copies_leave_the_run_and_a_later_run_refuses_them
     for i, url in enumerate(gone[:2]):
         (tmp_path / f"{i}.jpg").write_bytes(original(world, url))
     listed.write_text("0.jpg\n1.jpg\n" + "".join(f"phash:{phash_bytes(original(world, u))}\n" for u in gone[2:]))
-    assert run_takedown(store.uri, None, None, "a court order", phashes=str(listed)) == 0
+    only_hashes = tmp_path / "phashes.txt"
+    only_hashes.write_text("\n".join(listed.read_text().splitlines()[2:]))
+    wrong = subprocess.run([sys.executable, "-m", "clipfleet.producer.cli", "takedown", "--store", store.uri,
+                            "--hashes", str(only_hashes)], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "pass it with --urls or --phashes" in wrong.stderr
+    done = subprocess.run([sys.executable, "-m", "clipfleet.producer.cli", "takedown", "--store", store.uri,
+                           "--phashes", str(listed), "--reason", "a court order"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
     record = store.read_json(next(f"{layout.TAKEDOWNS}/{n}" for n in store.list(layout.TAKEDOWNS)
                                   if n.endswith(".json")))
