@@ -265,3 +265,17 @@ def test_report_on_s3_is_the_same_report(built_run, s3_server):
     assert [c["caption"] for c in on_s3.cells] == [c["caption"] for c in here.cells]
     assert len(on_s3.images) == len(here.images)
     assert re.search(r"s3://test-[0-9a-f]+/run", "".join(on_s3.text))
+
+
+def test_report_counts_decontamination_marks_and_perceptual_refusals(run_copy):
+    import json
+    path = run_copy / marker_path("download", 0)
+    marker = json.loads(path.read_text())
+    marker["stats"]["contaminated"] = 3                       # as --decontaminate's default, mark, counts
+    marker["stats"].setdefault("refused", {})["blocklist phash"] = 2
+    marker["dropped"] = sorted({*marker.get("dropped", []), "refused"})
+    path.write_text(json.dumps(marker))
+    shutil.rmtree(run_copy / "_state")                        # the run state is read again from the markers
+    text = " ".join(Parsed(build_report(Store(str(run_copy)))).text)
+    assert "3 samples match the decontamination set" in text
+    assert "blocklist phash" in text
