@@ -1,8 +1,9 @@
 """cpu-download: one URL shard -> images/NNNNN.tar, .parquet and _stats.json in img2dataset's layout.
 
 Threads fetch (workers/fetch.py: guarded, bounded, polite) and hash; the task's own thread
-decodes, resizes and encodes (workers/resize.py) as results come, and writes them
-(workers/shard_writer.py). The outputs go to the stage's local directory and are published by
+decodes, resizes and encodes (workers/resize.py) as results come, takes the decoded picture's
+perceptual hash (workers/phash.py: checked against the blocklist's and --decontaminate's), and
+writes them (workers/shard_writer.py). The outputs go to the stage's local directory and are published by
 `execute` through Store.commit, so a worker killed mid-shard leaves nothing visible.
 """
 from __future__ import annotations
@@ -84,8 +85,8 @@ def fetch_sample(url: str | None, fetcher: Fetcher, blocklist: Blocklist) -> Fet
     return Fetched(data, sha256)
 
 
-def resize_sample(fetched: Fetched, opts: DownloadOptions, blocklist: Blocklist = Blocklist(),
-                  evalset: PhashList | None = None) -> SampleResult:
+def resize_sample(fetched: Fetched, opts: DownloadOptions, blocklist: Blocklist,
+                  evalset: PhashList | None) -> SampleResult:
     """The CPU side: decode, check, resize, encode; then the picture's perceptual hash is checked
     against the blocklist's and the decontamination set's."""
     try:
