@@ -16,6 +16,7 @@ from PIL import Image
 from clipfleet.workers.download.options import PHASH_DISTANCE
 
 HASH_SIDE = 32  # pHash's thumbnail: 4x the 8x8 hash, as imagehash's highfreq_factor
+FITTED = 256  # download's default --image-size: a file is hashed at the size download hashes it
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 
 
@@ -33,7 +34,7 @@ def phash_bytes(data: bytes) -> str:
     from clipfleet.workers.download.resize import decode_bgr, sniff
     header = sniff(data)
     width, height = header.size
-    scale = min(1.0, 256 / max(width, height))  # as download sees it: fitted to --image-size
+    scale = min(1.0, FITTED / max(width, height))
     return phash_bgr(decode_bgr(data, header.format, width, height,
                                 (max(1, round(width * scale)), max(1, round(height * scale)))))
 
@@ -53,6 +54,7 @@ class PhashList:
 
     def __init__(self, entries: dict[str, int] | None = None):
         self.entries = dict(entries or {})
+        self._names = list(self.entries)
         self._hashes = np.array([to_int(h) for h in self.entries], np.uint64)
         self._limits = np.array(list(self.entries.values()), np.int64)
 
@@ -65,7 +67,7 @@ class PhashList:
             return None
         d = distances(self._hashes, phash)
         near = np.flatnonzero(d <= self._limits)
-        return list(self.entries)[near[np.argmin(d[near])]] if len(near) else None
+        return self._names[near[np.argmin(d[near])]] if len(near) else None
 
     @classmethod
     def load(cls, source: str, distance: int = PHASH_DISTANCE) -> "PhashList":
@@ -81,5 +83,5 @@ class PhashList:
                     continue
         else:
             import pyarrow.parquet as pq
-            hashes = [h for h in pq.read_table(source, columns=["phash"]).column("phash").to_pylist() if h]
+            hashes = [h.lower() for h in pq.read_table(source, columns=["phash"]).column("phash").to_pylist() if h]
         return cls({h: distance for h in hashes})
