@@ -55,10 +55,10 @@ class Blocklist:
                 phash[perceptual[1]] = int(perceptual[2] or PHASH_DISTANCE)
                 continue
             kind, _, digest = entry.rpartition(":")
-            digest = digest.lower()
-            lengths = {"md5": (32,), "sha256": (64,), "": (32, 64)}.get(kind.lower(), ())
+            lengths = {"md5": (32,), "sha256": (64,), "": (32, 64)}.get(kind, ())
             if len(digest) not in lengths or not _HEX.match(digest):
-                raise ValueError(f"{source}:{number}: not a URL, MD5, SHA-256 or phash:<16 hex>/<distance>: {line[:100]!r}")
+                raise ValueError(f"{source}:{number}: not a URL, MD5, SHA-256 or phash:<16 hex>/<distance>: "
+                                 f"{line[:100]!r}")
             (md5 if len(digest) == 32 else sha256).add(digest)
         return cls(frozenset(urls), frozenset(md5), frozenset(sha256), PhashList(phash))
 

@@ -3,8 +3,8 @@
 Threads fetch (workers/fetch.py: guarded, bounded, polite) and hash; the task's own thread
 decodes, resizes and encodes (workers/resize.py) as results come, takes the decoded picture's
 perceptual hash (workers/phash.py: checked against the blocklist's and --decontaminate's), and
-writes them (workers/shard_writer.py). The outputs go to the stage's local directory and are published by
-`execute` through Store.commit, so a worker killed mid-shard leaves nothing visible.
+writes them (workers/shard_writer.py). The outputs go to the stage's local directory and are
+published by `execute` through Store.commit, so a worker killed mid-shard leaves nothing visible.
 """
 from __future__ import annotations
 
