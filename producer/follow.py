@@ -215,4 +215,8 @@ def run_with_fleet(run: RunState, first: list[FirstTask], broker: str, fleet=Non
     resumed = sum(sweeper.resumed.values())
     if resumed:
         print(f"resumed {resumed} shards that a stage before had handed on")
+    from clipfleet.producer.card import write_card
+    card = write_card(store)  # settled: the card counts what is published now
+    if card:
+        print(f"dataset card: {card}")
     return report_outcome(store, states, dict(sweeper.recovered))

@@ -11,6 +11,7 @@ import pyarrow as pa
 from clipfleet.shared.storage import shard_name
 
 RUN_FILE = "run.json"
+DATASET_CARD = "README.md"  # the Hugging Face dataset card of what is published (producer/card.py)
 
 URL_SHARD_SCHEMA = pa.schema([
     ("url", pa.string()), ("caption", pa.string()), ("page_url", pa.string()),
