@@ -21,7 +21,7 @@ import time
 from clipfleet.shared import layout
 from clipfleet.shared.runstate import RunState
 from clipfleet.shared.storage import Store
-from clipfleet.workers.index.takedown import taken_down
+from clipfleet.workers.index.takedown import read_ids, taken_down
 
 # Hugging Face's size_categories buckets (by published samples).
 SIZE_CATEGORIES = [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"),
@@ -44,8 +44,10 @@ def size_category(n: int) -> str:
 
 
 def published_now(store: Store, tag_out: int | None) -> int:
-    """Samples in dataset/ now: what the tag markers published, less what takedowns removed since."""
-    return max(0, (tag_out or 0) - len(taken_down(store)))
+    """Samples in dataset/ now: what the tag markers published, less what takedowns removed and a
+    refilter left out since (ids of both are the embedded samples' global ids)."""
+    gone = set(taken_down(store).tolist()) | set(read_ids(store, layout.FILTERED_IDS).tolist())
+    return max(0, (tag_out or 0) - len(gone))
 
 
 def front_matter(name: str, published: int) -> str:
@@ -182,6 +184,7 @@ def build_card(store: Store) -> str:
     inputs = ", ".join(f"`{i}`" for i in cfg.inputs[:5]) + (f" and {len(cfg.inputs) - 5:,} more"
                                                              if len(cfg.inputs) > 5 else "")
     removed = len(taken_down(store))
+    left_out = len(read_ids(store, layout.FILTERED_IDS))
     parts = [
         front_matter(name, published),
         f"# {name}",
@@ -211,11 +214,12 @@ def build_card(store: Store) -> str:
         *counts_table(states),
         "",
         f"Published by the tag stage: {_n(tag.samples_out if tag else None)}; removed by takedowns since: "
-        f"{removed:,}; in `dataset/` now: {published:,}.",
+        f"{removed:,}; left out by `clipfleet refilter`: {left_out:,}; in `dataset/` now: {published:,}.",
         "",
         "## Filters and thresholds",
         "",
         *thresholds(cfg, by_stage),
+        *percentile(store),
         "",
         "Every option of the stages that decide what is kept, as run.json holds it:",
         "",
@@ -252,6 +256,19 @@ def thresholds(cfg, by_stage: dict) -> list[str]:
     return [f"- CLIP similarity, English: kept at ≥ {en} with `{cfg.clip.filter_model}`",
             f"- CLIP similarity, other languages and no language: kept at ≥ {other} with "
             f"`{cfg.clip.multilingual_filter_model}`"]
+
+
+def percentile(store: Store) -> list[str]:
+    """The percentile filter `clipfleet refilter` applied, per bucket, when one was."""
+    if not store.exists(layout.FILTER_RECORD):
+        return []
+    record = store.read_json(layout.FILTER_RECORD)
+    lines = [f"- then `clipfleet refilter --keep-top-percent {record['keep_top_percent']}` (DataComp's filter): "
+             "the top share by CLIP similarity, per bucket, across the whole run"]
+    for name, b in record["buckets"].items():
+        cutoff = "" if b["min_similarity"] is None else f" (similarity ≥ {b['min_similarity']:.4f})"
+        lines.append(f"  - {name}: {b['kept']:,} of {b['judged']:,} judged samples kept{cutoff}")
+    return lines
 
 
 def write_card(store_uri: str | Store) -> str:

@@ -221,6 +221,11 @@ def cmd_card(args) -> int:
     return 0
 
 
+def cmd_refilter(args) -> int:
+    from clipfleet.producer.refilter import run_refilter
+    return run_refilter(args.store, args.keep_top_percent)
+
+
 def cmd_plan(args) -> int:
     from clipfleet.producer.plan import run_plan
     return run_plan(args)
@@ -341,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "configs, counts, filters, models, refusals, takedowns)")
     cd.add_argument("--store", required=True, help="the run's store (a directory or s3://bucket/prefix)")
     cd.set_defaults(func=cmd_card)
+
+    rf = sub.add_parser("refilter", help="re-apply a filter to a finished run without recomputing: keep the top "
+                                         "P%% by CLIP similarity per language bucket (DataComp's), exactly once")
+    rf.add_argument("--store", required=True, help="the run's store (a directory or s3://bucket/prefix)")
+    rf.add_argument("--keep-top-percent", type=float, required=True, metavar="P",
+                    help="the share of each bucket's judged samples to publish, best first, across the whole run")
+    rf.set_defaults(func=cmd_refilter)
 
     pl = sub.add_parser("plan", help="workers, GPUs, storage, Redis memory and bandwidth for N samples in D days")
     pl.add_argument("--samples", type=float, required=True, help="published (kept) samples wanted, e.g. 5.85e9")

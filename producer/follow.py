@@ -216,6 +216,10 @@ def run_with_fleet(run: RunState, first: list[FirstTask], broker: str, fleet=Non
     if resumed:
         print(f"resumed {resumed} shards that a stage before had handed on")
     from clipfleet.producer.card import write_card
+    percent = run.cfg.clip.keep_top_percent if "clip" in run.stages and "tag" in run.stages else None
+    if percent:  # across the whole run: only now are all its scores known
+        from clipfleet.producer.refilter import refilter
+        print(f"keep-top-percent {percent}: {refilter(store, percent)['published']} samples published")
     card = write_card(store)  # settled: the card counts what is published now
     if card:
         print(f"dataset card: {card}")

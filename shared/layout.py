@@ -103,6 +103,12 @@ TAKEDOWN_IDS = f"{TAKEDOWNS}/ids.npy"              # sorted int64 global ids nev
 TAKEDOWN_BLOCKLIST = f"{TAKEDOWNS}/blocklist.txt"  # download's --blocklist format
 
 
+# `clipfleet refilter` (producer/refilter.py): the global ids a percentile filter left out of dataset/
+# (embedded, not published), and the filter in force, written last.
+FILTERED_IDS = "filtered/ids.npy"
+FILTER_RECORD = "filtered/filter.json"
+
+
 def takedown_record(stamp: str) -> str:
     return f"{TAKEDOWNS}/{stamp}.json"
 

@@ -24,10 +24,8 @@ CLI = [sys.executable, "-m", "clipfleet.producer.cli"]
 STAGES = ("extract", "download", "clip", "embed", "tag", "index")
 
 
-@pytest.fixture(scope="module")
-def card_run(tmp_path_factory):
+def real_run(work: Path, *options: str) -> tuple[Path, str]:
     """(store directory, the run's stdout) of a whole run through index on a small sandbox web."""
-    work = tmp_path_factory.mktemp("card")
     world = work / "world"
     make_sandbox(world, samples=80, port=free_port(), seed=3, wat_files=1)
     wat = sorted((world / "wat").iterdir())[0]
@@ -36,11 +34,16 @@ def card_run(tmp_path_factory):
         proc = subprocess.run(
             CLI + ["run", "--wat", str(wat), "--store", str(store), "--shard-size", "25",
                    "--allow-private-addresses", "--download-timeout", "5", "--filter-model", "shapes",
-                   "--multilingual-filter-model", "shapes", "--embed-model", "shapes"],
+                   "--multilingual-filter-model", "shapes", "--embed-model", "shapes", *options],
             cwd=REPO, capture_output=True, text=True, timeout=500,
             env={**os.environ, "CLIPFLEET_STATE_DIR": str(work / "state")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return store, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def card_run(tmp_path_factory):
+    return real_run(tmp_path_factory.mktemp("card"))
 
 
 def card_counts(text: str) -> dict:
