@@ -216,9 +216,9 @@ def run_with_fleet(run: RunState, first: list[FirstTask], broker: str, fleet=Non
     if resumed:
         print(f"resumed {resumed} shards that a stage before had handed on")
     from clipfleet.producer.card import write_card
-    percent = run.cfg.clip.keep_top_percent if "clip" in run.stages and "tag" in run.stages else None
+    from clipfleet.producer.refilter import in_force, refilter
+    percent = in_force(store, run.cfg)
     if percent:  # across the whole run: only now are all its scores known
-        from clipfleet.producer.refilter import refilter
         print(f"keep-top-percent {percent}: {refilter(store, percent)['published']} samples published")
     card = write_card(store)  # settled: the card counts what is published now
     if card:

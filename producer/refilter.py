@@ -76,6 +76,11 @@ def refilter(store: Store, percent: float) -> dict:
     """Publish the top `percent`% per bucket; returns {buckets, published, shards_rewritten, changed}."""
     if not 0 < percent <= 100:
         raise RefilterError(f"--keep-top-percent must be in (0, 100], not {percent}")
+    from clipfleet.shared.runstate import RunState
+    tag = RunState(store).stage("tag")
+    if not (tag.n_expected and tag.complete):  # a share of part of the run is not the run's share
+        raise RefilterError(f"{store.uri}: the run has not published every shard yet ({tag.n_done} of "
+                            f"{tag.n_expected} tagged); refilter it once it has")
     keep, buckets = plan(store, percent)
     removed = set(taken_down(store).tolist())
     wanted, left_out, embedded = {}, [], set()
@@ -143,3 +148,11 @@ def run_refilter(store_uri: str, percent: float) -> int:
     if card:
         print(f"dataset card: {card}")
     return 0
+
+
+def in_force(store: Store, cfg) -> float | None:
+    """The percentile a settled run publishes: the last refilter's, else the run's --keep-top-percent
+    (so shards a retry adds later are filtered as the rest)."""
+    if store.exists(layout.FILTER_RECORD):
+        return store.read_json(layout.FILTER_RECORD)["keep_top_percent"]
+    return cfg.clip.keep_top_percent if "tag" in cfg.stages else None

@@ -5,6 +5,7 @@ embedded is refused before anything is written."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,10 @@ def test_a_run_with_keep_top_percent_publishes_that_share_of_each_bucket_across_
         assert len([k for _, k in rows if k in kept]) == round(len(rows) * 0.4), name
     assert f"keep-top-percent 40.0: {len(kept)} samples published" in out
     assert f"in `dataset/` now: {len(kept):,}." in (store_dir / layout.DATASET_CARD).read_text()
+
+
+def test_refilter_waits_for_the_whole_run(run_copy):
+    shutil.rmtree(run_copy / "_state")  # a cache of the markers; without it the store is read as it is
+    (run_copy / "_markers" / "tag" / "00001.json").unlink()  # shard 1 not tagged yet
+    proc = refilter(run_copy, 30)
+    assert proc.returncode != 0 and "has not published every shard yet" in proc.stderr, proc.stdout + proc.stderr
