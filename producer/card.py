@@ -84,7 +84,7 @@ def options_table(cfg) -> list[str]:
                 continue  # filled by the run, not a flag
             value = getattr(options, f.name)
             rows.append(f"| {section} | `--{f.name.replace('_', '-')}` | `{json.dumps(value, default=str)}` | "
-                        f"{f.metadata['help'].replace('|', '/')} |")
+                        f"{f.metadata['help'].replace('|', '/').replace('%%', '%')} |")
     return rows
 
 

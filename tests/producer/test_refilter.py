@@ -76,6 +76,19 @@ def test_refilter_keeps_exactly_the_top_percent_per_bucket_once(run_copy):
     assert f"in `dataset/` now: {len(kept):,}." in card
     assert "`clipfleet refilter --keep-top-percent 30.0`" in card
 
+    # Search serves what is published: the ids refilter left out are never returned.
+    import numpy as np
+    from clipfleet.shared.serving import ServingIndex
+    index = ServingIndex.open(Store(str(store_dir)))
+    assert index.ntotal == len(kept)
+    queries = np.concatenate([np.load(p) for p in sorted((store_dir / "embeddings" / "img_emb").glob("*.npy"))])
+    _, found = index.search(queries.astype(np.float32), index.ntotal)
+    served = {layout.split_id(i) for i in found.ravel().tolist() if i >= 0}
+    keys = {}
+    for shard in {s for s, _ in served}:
+        keys[shard] = pq.read_table(store_dir / layout.embedding_metadata(shard)).column("key").to_pylist()
+    assert {keys[s][r] for s, r in served} == kept
+
     everything = files(store_dir)
     again = refilter(store_dir, 30)
     assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout + again.stderr
