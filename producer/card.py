@@ -173,12 +173,15 @@ def takedowns(store: Store) -> list[str]:
     return lines or ["- none"]
 
 
-def build_card(store: Store) -> str:
+def build_card(store: Store) -> str | None:
+    """The card's text; None while nothing is published (no tag shard done)."""
     run = RunState(store)
     cfg = run.cfg
     states = run.all()
     by_stage = {s.stage: s for s in states}
     tag = by_stage.get("tag")
+    if tag is None or not tag.n_done:
+        return None
     published = published_now(store, tag.samples_out if tag else None)
     name = store.uri.rstrip("/").rsplit("/", 1)[-1]
     inputs = ", ".join(f"`{i}`" for i in cfg.inputs[:5]) + (f" and {len(cfg.inputs) - 5:,} more"
@@ -276,9 +279,10 @@ def write_card(store_uri: str | Store) -> str:
     store = store_uri if isinstance(store_uri, Store) else Store(store_uri)
     if not store.exists(layout.RUN_FILE):
         raise ValueError(f"{store.uri} holds no run (no {layout.RUN_FILE})")
-    if "tag" not in RunState(store).stages or not store.done("tag"):
+    text = build_card(store)  # the run state's counts: no listing of a sealed run's markers
+    if text is None:
         return ""
-    store.write_bytes(layout.DATASET_CARD, build_card(store).encode())
+    store.write_bytes(layout.DATASET_CARD, text.encode())
     return store.url(layout.DATASET_CARD)
 
 
