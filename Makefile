@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml requirements.lock
 # own pins (pyarrow<16, clip back's Flask stack) would clash with ours, so no dependencies.
 # (Comments here start at the margin: a tab-indented one is a recipe line that make prints.)
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps clip-retrieval==2.45.0
+# datasets (the dataset card test) likewise: 4.0.0, the last release whose pyarrow floor (15) takes our
+# pyarrow 20, declares fsspec<=2025.3.0, below ours; it reads local parquet and webdataset with ours.
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps -c requirements.lock datasets
 # The browser tests drive Debian's chromium (Playwright never downloads one).
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@touch $(STAMP)

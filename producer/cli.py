@@ -229,6 +229,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_card(args) -> int:
+    from clipfleet.producer.card import write_card
+    card = write_card(args.store)
+    if not card:
+        print(f"clipfleet: {args.store} has published nothing yet (no tag shard done): no card", file=sys.stderr)
+        return 1
+    print(f"dataset card: {card}")
+    return 0
+
+
+def cmd_refilter(args) -> int:
+    from clipfleet.producer.refilter import run_refilter
+    return run_refilter(args.store, args.keep_top_percent)
+
+
 def cmd_plan(args) -> int:
     from clipfleet.producer.plan import run_plan
     return run_plan(args)
@@ -348,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "markers are always all read")
     rp.add_argument("--grid", type=int, default=12, help="kept and dropped samples shown (default %(default)s each)")
     rp.set_defaults(func=cmd_report)
+
+    cd = sub.add_parser("card", help="write the run's dataset card, <store>/README.md (Hugging Face format: "
+                                     "configs, counts, filters, models, refusals, takedowns)")
+    cd.add_argument("--store", required=True, help="the run's store (a directory or s3://bucket/prefix)")
+    cd.set_defaults(func=cmd_card)
+
+    rf = sub.add_parser("refilter", help="re-apply a filter to a finished run without recomputing: keep the top "
+                                         "P%% by CLIP similarity per language bucket (DataComp's), exactly once")
+    rf.add_argument("--store", required=True, help="the run's store (a directory or s3://bucket/prefix)")
+    rf.add_argument("--keep-top-percent", type=float, required=True, metavar="P",
+                    help="the share of each bucket's judged samples to publish, best first, across the whole run")
+    rf.set_defaults(func=cmd_refilter)
 
     pl = sub.add_parser("plan", help="workers, GPUs, storage, Redis memory and bandwidth for N samples in D days")
     pl.add_argument("--samples", type=float, required=True, help="published (kept) samples wanted, e.g. 5.85e9")

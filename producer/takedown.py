@@ -46,6 +46,10 @@ def run_takedown(store_uri: str, urls: str | None, hashes: str | None, reason: s
     if missing:
         print(f"{len(missing)} entries matched no sample of this run (blocklisted all the same)")
     print(f"record: {store.url(result.record)}")
+    from clipfleet.producer.card import write_card
+    card = write_card(store)  # its counts and takedowns changed
+    if card:
+        print(f"dataset card: {card}")
     for uri in result.blocklists:
         print(f"blocklist: {uri}")
     print("later runs: pass --blocklist " + result.blocklists[-1] + " so they never store these")

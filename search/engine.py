@@ -9,7 +9,6 @@ depth cap and the deadline allow. Outcome.notes say what could not be honoured a
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -23,7 +22,7 @@ from clipfleet.search.catalog import Catalog, cache_dir_for, ensure_catalog
 from clipfleet.search.encoder import Encoder, QueryError, normalized
 from clipfleet.search.index import IndexMissing, infos_model, open_index
 from clipfleet.search.settings import ServeSettings
-from clipfleet.shared import layout
+from clipfleet.shared.serving import read_hidden
 from clipfleet.shared.storage import Store
 
 log = logging.getLogger("clipfleet.search")
@@ -258,18 +257,14 @@ class Engine:
         return rows
 
     def taken_down(self) -> np.ndarray:
-        """The run's takedown list (sorted global ids), looked at again every few seconds."""
+        """Ids never served (sorted): taken down or left out by refilter, looked at again every few seconds."""
         now = time.monotonic()
         if now - self._hidden_checked >= TAKEDOWN_REFRESH_S:
             self._hidden_checked = now
             try:
-                info = self.store.fs.info(self.store.path(layout.TAKEDOWN_IDS))
-                stamp = (info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag"))
-                if stamp != self._hidden[0]:
-                    ids = np.load(io.BytesIO(self.store.read_bytes(layout.TAKEDOWN_IDS)))
-                    self._hidden = (stamp, np.unique(ids.astype(np.int64)))
-            except FileNotFoundError:
-                self._hidden = (None, np.zeros(0, np.int64))
+                stamp, ids = read_hidden(self.store, self._hidden[0])
+                if ids is not None:
+                    self._hidden = (stamp, ids)
             except OSError as exc:  # the store is away for a moment: keep the list we have
                 log.warning("takedown list unreadable: %s", exc)
         return self._hidden[1]

@@ -11,6 +11,7 @@ import pyarrow as pa
 from clipfleet.shared.storage import shard_name
 
 RUN_FILE = "run.json"
+DATASET_CARD = "README.md"  # the Hugging Face dataset card of what is published (producer/card.py)
 
 URL_SHARD_SCHEMA = pa.schema([
     ("url", pa.string()), ("caption", pa.string()), ("page_url", pa.string()),
@@ -105,6 +106,12 @@ def index_infos(modality: str = "image") -> str:
 
 TAKEDOWN_IDS = f"{TAKEDOWNS}/ids.npy"              # sorted int64 global ids never served again
 TAKEDOWN_BLOCKLIST = f"{TAKEDOWNS}/blocklist.txt"  # download's --blocklist format
+
+
+# `clipfleet refilter` (producer/refilter.py): the global ids a percentile filter left out of dataset/
+# (embedded, not published), and the filter in force, written last.
+FILTERED_IDS = "filtered/ids.npy"
+FILTER_RECORD = "filtered/filter.json"
 
 
 def takedown_record(stamp: str) -> str:

@@ -70,8 +70,9 @@ class StageState:
         """Every shard this stage will ever get is done or dead-lettered."""
         return self.upstream_complete and self.n_done + self.n_failed >= self.n_expected
 
-    def drop_reasons(self, top: int = 5) -> list[tuple[str, int]]:
-        """The largest reasons samples were dropped, as (name, count); grouped ones as group: reason."""
+    def drop_reasons(self, top: int | None = 5) -> list[tuple[str, int]]:
+        """The largest reasons samples were dropped (every one with top=None), as (name, count);
+        grouped ones as group: reason."""
         reasons = []
         for key, value in self.totals.items():
             if key not in self.dropped:

@@ -10,7 +10,8 @@ Imports only faiss, numpy, pyarrow and the store layout, so the search service l
 - `search(queries (n, d) float32, k) -> (similarities (n, k) float32, ids (n, k) int64)` with the
   search parameters infos.json holds. Rows have fewer than k results only when the index has fewer
   searchable vectors: the rest is id -1 with similarity -inf.
-- Taken-down ids (`takedowns/ids.npy`, written by `clipfleet takedown`) are never returned: each
+- Taken-down ids (`takedowns/ids.npy`, written by `clipfleet takedown`) and the ids `clipfleet
+  refilter` left out of dataset/ (`filtered/ids.npy`) are never returned: each
   search asks faiss for k plus as many as may be taken down, drops them, and asks deeper for a row
   that ends up short, so a row still holds k results. The takedown list and infos.json are looked
   at again every `refresh_s` seconds, so a running server follows takedowns and new merges.
@@ -30,9 +31,31 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from clipfleet.shared.layout import INDEX_MODALITIES, ROW_BITS, TAKEDOWN_IDS, index_infos
+from clipfleet.shared.layout import FILTERED_IDS, INDEX_MODALITIES, ROW_BITS, TAKEDOWN_IDS, index_infos
 
 INFOS = {modality: index_infos(modality) for modality in INDEX_MODALITIES}
+
+
+# Ids never served: taken down, and left out of dataset/ by `clipfleet refilter` (search serves
+# what is published).
+HIDDEN_IDS = (TAKEDOWN_IDS, FILTERED_IDS)
+
+
+def read_hidden(store, known_stamp=None):
+    """(stamp, sorted ids) of every id never served; ids is None when the stamp did not change."""
+    stamp = []
+    for rel in HIDDEN_IDS:
+        try:
+            info = store.fs.info(store.path(rel))
+        except FileNotFoundError:
+            stamp.append(None)
+            continue
+        stamp.append((info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag")))
+    stamp = tuple(stamp)
+    if stamp == known_stamp:
+        return stamp, None
+    ids = [np.load(io.BytesIO(store.read_bytes(rel))) for rel, s in zip(HIDDEN_IDS, stamp) if s is not None]
+    return stamp, np.unique(np.concatenate(ids).astype(np.int64)) if ids else np.zeros(0, np.int64)
 
 
 class IndexNotBuilt(RuntimeError):
@@ -112,16 +135,7 @@ class ServingIndex:
 
     @staticmethod
     def _read_takedowns(store, known_stamp):
-        """(stamp, ids) of the takedown list; ids is None when the stamp did not change."""
-        try:
-            info = store.fs.info(store.path(TAKEDOWN_IDS))
-        except FileNotFoundError:
-            return None, np.zeros(0, np.int64)
-        stamp = (info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag"))
-        if stamp == known_stamp:
-            return stamp, None
-        ids = np.load(io.BytesIO(store.read_bytes(TAKEDOWN_IDS)))
-        return stamp, np.unique(ids.astype(np.int64))
+        return read_hidden(store, known_stamp)
 
     def refresh(self) -> bool:
         """Pick up a new takedown list or a new merge; True when something changed."""

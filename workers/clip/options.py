@@ -26,6 +26,11 @@ class ClipOptions:
     min_similarity_other: float | None = option(
         None, "keep other pairs at or above this cosine (default: the threshold the model ships "
               "calibrated for, else LAION's 0.26)", check=_cosine)
+    keep_top_percent: float | None = option(
+        None, "then publish only the top P%% by similarity of each bucket's judged samples, across the whole "
+              "run (DataComp's filter), once the run has settled; the thresholds still decide what is embedded, "
+              "so a P beyond that is refused. `clipfleet refilter` changes it later", metavar="P",
+        check=lambda p: None if p is None or 0 < p <= 100 else "must be in (0, 100]")
     clip_batch_size: int = option(256, "samples per forward pass of the filter models", check=positive)
     clip_device: str = option("auto", "where the filter models run (auto: cuda when present)", choices=DEVICES)
     clip_precision: str = option("auto", "auto: fp16 on cuda; on CPU bf16 where it has native bf16 and the first "

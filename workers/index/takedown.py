@@ -127,15 +127,20 @@ def find(store: Store, wanted: Blocklist, progress=None) -> tuple[list[Match], d
 
 
 def taken_down(store: Store) -> np.ndarray:
-    if not store.exists(layout.TAKEDOWN_IDS):
+    return read_ids(store, layout.TAKEDOWN_IDS)
+
+
+def read_ids(store: Store, rel: str) -> np.ndarray:
+    """A sorted list of global ids (takedowns/ids.npy, filtered/ids.npy); empty when there is none."""
+    if not store.exists(rel):
         return np.zeros(0, np.int64)
-    return np.load(io.BytesIO(store.read_bytes(layout.TAKEDOWN_IDS))).astype(np.int64)
+    return np.load(io.BytesIO(store.read_bytes(rel))).astype(np.int64)
 
 
-def _write_ids(store: Store, ids: np.ndarray) -> None:
+def write_ids(store: Store, ids: np.ndarray, rel: str = layout.TAKEDOWN_IDS) -> None:
     buf = io.BytesIO()
     np.save(buf, np.unique(ids.astype(np.int64)))
-    store.write_bytes(layout.TAKEDOWN_IDS, buf.getvalue())
+    store.write_bytes(rel, buf.getvalue())
 
 
 def _without_members(data: bytes, keys: set[str]) -> tuple[bytes, int]:
@@ -224,7 +229,7 @@ def takedown(store: Store, wanted: Blocklist, reason: str, source: str, progress
     result = TakedownResult(not_found=not_found)
     result.removed = [m for m in matches if m.id not in before]
     result.already = len(matches) - len(result.removed)
-    _write_ids(store, np.array(sorted(before | {m.id for m in matches}), np.int64))   # 1. never served
+    write_ids(store, np.array(sorted(before | {m.id for m in matches}), np.int64))   # 1. never served
     by_shard: dict[int, list[Match]] = {}
     for m in matches:
         by_shard.setdefault(m.shard, []).append(m)
