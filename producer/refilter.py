@@ -28,7 +28,7 @@ from clipfleet.shared import layout
 from clipfleet.shared.pipeline import Stats
 from clipfleet.shared.storage import Store
 from clipfleet.workers.index.takedown import taken_down, write_ids
-from clipfleet.workers.tag.publish import read_images, write_dataset
+from clipfleet.workers.tag.publish import image_marks, read_images, write_dataset
 
 
 class RefilterError(ValueError):
@@ -125,7 +125,8 @@ def _publish(store: Store, shard: int, rows) -> bool:
         return False
     tags = _table(store, layout.tag_shard(shard)).take(rows)
     with store.staging() as out:
-        files = write_dataset(meta, tags, read_images(store, shard, keys), out, shard, Stats())
+        files = write_dataset(meta, tags, read_images(store, shard, keys), out, shard, Stats(),
+                              image_marks(store, shard))  # phash and contaminated stay published
         for rel, path in sorted(files.items(), key=lambda f: f[0].endswith(".parquet")):  # the parquet last
             store._put(str(path), rel)
     return True

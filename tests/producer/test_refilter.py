@@ -71,6 +71,11 @@ def test_refilter_keeps_exactly_the_top_percent_per_bucket_once(run_copy):
         with open(tar, "rb") as f:
             keys = {n.split(".")[0] for n, _ in read_tar(f)}
         assert keys == set(pq.read_table(tar.with_suffix(".parquet")).column("key").to_pylist())
+    hashes = {k: h for p in (store_dir / "images").glob("*.parquet")
+              for k, h in zip(*pq.read_table(p, columns=["key", "phash"]).to_pydict().values())}
+    for p in (store_dir / "dataset").glob("*.parquet"):  # rewritten shards keep download's perceptual hash
+        for row in pq.read_table(p, columns=["key", "phash"]).to_pylist():
+            assert row["phash"] is not None and row["phash"] == hashes[row["key"]]
     assert files(store_dir / "embeddings") == embeddings_before and files(store_dir / "tags") == tags_before
     card = (store_dir / layout.DATASET_CARD).read_text()
     assert f"in `dataset/` now: {len(kept):,}." in card
