@@ -27,9 +27,11 @@ IMAGE_EXTRA_FIELDS = [("phash", pa.string()), ("contaminated", pa.bool_())]
 
 EMBEDDING_METADATA_COLUMNS = ("key", "url", "caption", "similarity", "language", "width", "height")
 
-# The published dataset's parquet: LAION's column names, plus our key.
+# The published dataset's parquet: LAION's column names, plus our key, download's marks and
+# `duplicate_of` (the key of the sample kept for its near-duplicate group; null until the index
+# stage's dedup task sets it, and for a sample in no group or the one kept).
 DATASET_COLUMNS = ("key", "URL", "TEXT", "WIDTH", "HEIGHT", "LANGUAGE", "similarity",
-                   "punsafe", "pwatermark", "aesthetic", "hash", "phash", "contaminated")
+                   "punsafe", "pwatermark", "aesthetic", "hash", "phash", "contaminated", "duplicate_of")
 
 
 def url_shard(shard) -> str:

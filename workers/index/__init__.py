@@ -7,6 +7,7 @@ SPEC = StageSpec(
     options=IndexOptions, title="index", outputs="index/",
     single_process=True,  # a model / an index loaded once per worker
     run_once={"index-train": "clipfleet.workers.index.stage:TrainIndex",
-              "index-merge": "clipfleet.workers.index.stage:MergeIndex"},
+              "index-merge": "clipfleet.workers.index.stage:MergeIndex",
+              "index-dedup": "clipfleet.workers.index.dedup:DedupIndex"},
     settled="clipfleet.workers.index.plan:settled",
 )

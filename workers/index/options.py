@@ -21,6 +21,18 @@ def not_negative(value) -> str | None:
     return None if value >= 0 else f"must be >= 0, got {value}"
 
 
+def _fraction(value) -> str | None:
+    return None if 0 <= value < 1 else f"must be in [0, 1), got {value}"
+
+
+# Calibrated on the sandbox world (tests/workers/index/test_dedup.py): its re-encoded, halved and 3%-cropped
+# copies come within 6 bits of their original and cosine ~0.99; its closest distinct pictures are 10 bits
+# apart. Tighter than download's PHASH_DISTANCE (10): across a run every pair is a chance of a false
+# match, and a copy the hash misses is still caught by its embedding.
+DEDUP_HAMMING = 8
+DEDUP_EPS = 0.05
+
+
 @dataclass
 class IndexOptions:
     index_memory: str = option("4G", "size budget of the serving index; autofaiss picks the index key for it "
@@ -43,3 +55,9 @@ class IndexOptions:
                                      check=not_negative)
     index_text: bool = option(False, "also build a text index (text embeddings; for modality=text search)")
     index_seed: int = option(0, "seed of the training sample and the held-out queries")
+    dedup_hamming: int = option(DEDUP_HAMMING, "near-duplicates: pictures whose 64-bit perceptual hashes differ in at "
+                                               "most this many bits", check=not_negative)
+    dedup_eps: float = option(DEDUP_EPS, "near-duplicates: samples in one coarse cluster whose image embeddings' cosine "
+                                         "similarity is >= 1 - eps (SemDeDup's eps)", check=_fraction)
+    drop_near_duplicates: bool = option(False, "leave near-duplicates out of dataset/ (by default they are published, "
+                                               "`duplicate_of` naming the sample kept for their group)")

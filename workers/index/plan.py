@@ -6,7 +6,8 @@ so the index tasks decide what is due and the producer can tell when the index i
   while the index was untrained, once the train task committed its partial (an index-part marker).
 - settled: every expected index shard is done, all of them are ready, and index/infos.json holds
   exactly the ready shards that have vectors; `clipfleet run` waits for this (the index spec's
-  `settled`, read by shared/runstate.RunState.settled), since the merge is not a shard.
+  `settled`, read by shared/runstate.RunState.settled), since the merge is not a shard; and the
+  near-duplicate groups of that serving generation are published (dedup/info.json names it).
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from clipfleet.workers.index import vectors
 TRAIN = "index-train"
 TRAIN_KEY = "train"
 PART_MARKERS = "index-part"   # partials the train task built for shards that waited for it
+DEDUP = "index-dedup"         # near-duplicate groups of a serving generation (workers/index/dedup.py)
+DEDUP_GROUPS = "dedup/groups.parquet"
+DEDUP_INFO = "dedup/info.json"  # written last: the groups of its key are published
 
 
 def trained(run: RunState) -> dict | None:
@@ -64,12 +68,26 @@ def read_infos(store: Store, modality: str = "image") -> dict | None:
         return None
 
 
+def dedup_key(store: Store) -> str | None:
+    """The near-duplicate task's key: the serving generation its groups are of (None before a merge)."""
+    infos = read_infos(store)
+    return None if infos is None else f"g{infos['generation']:05d}"
+
+
+def dedup_done(store: Store) -> bool:
+    try:
+        return store.read_json(DEDUP_INFO).get("key") == dedup_key(store)
+    except FileNotFoundError:
+        return False
+
+
 def settled(store: Store, run: RunState | None = None) -> bool:
-    """Nothing left for the index tasks: every shard indexed and merged into the serving index."""
+    """Nothing left for the index tasks: every shard indexed and merged into the serving index,
+    and that index's near-duplicate groups published."""
     run = run or RunState(store)
     state = run.stage("index")
     if not state.complete:
         return False
     shards, all_ready = indexed_shards(run, state.done)
     infos = read_infos(store)
-    return all_ready and infos is not None and sorted(infos.get("shards", [])) == shards
+    return all_ready and infos is not None and sorted(infos.get("shards", [])) == shards and dedup_done(store)

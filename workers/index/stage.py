@@ -36,7 +36,7 @@ from clipfleet.shared.pipeline import RunOnce, Stage, StageOutput, Stats
 from clipfleet.shared.runstate import RunState
 from clipfleet.shared.storage import Store, shard_name
 from clipfleet.workers.index import build, tuning, vectors
-from clipfleet.workers.index.plan import (PART_MARKERS, TRAIN, TRAIN_KEY, embedded_counts, indexed_shards,
+from clipfleet.workers.index.plan import (DEDUP, PART_MARKERS, TRAIN, TRAIN_KEY, embedded_counts, indexed_shards,
                                          read_infos, trained, waiting)
 
 log = logging.getLogger("clipfleet.index")
@@ -344,5 +344,6 @@ class MergeIndex(_Index, RunOnce):
                     store.fs.rm(store.path(f"{root}/{name}"), recursive=True)
 
 
-IndexStage.triggers = (TrainIndex.name, MergeIndex.name)
+IndexStage.triggers = (TrainIndex.name, MergeIndex.name, DEDUP)
 TrainIndex.triggers = (MergeIndex.name,)
+MergeIndex.triggers = (DEDUP,)  # its groups are of the generation just merged

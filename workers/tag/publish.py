@@ -2,7 +2,8 @@
 
 The parquet has LAION-5B's column names (URL, TEXT, WIDTH, HEIGHT, LANGUAGE, similarity, punsafe,
 pwatermark, aesthetic, hash) plus our key, download's `phash` (the picture's perceptual hash, 16 hex
-digits) and `contaminated` (it matched --decontaminate's set) and any user tag columns; the tar is webdataset's layout (KEY.jpg|png|webp, KEY.txt, KEY.json with the same fields), so webdataset, img2dataset
+digits), `contaminated` (it matched --decontaminate's set), `duplicate_of` (null here; the index
+stage's near-duplicate task fills it) and any user tag columns; the tar is webdataset's layout (KEY.jpg|png|webp, KEY.txt, KEY.json with the same fields), so webdataset, img2dataset
 (parquet input with --url_col URL --caption_col TEXT) and open_clip's loader read it as it is.
 """
 from __future__ import annotations
@@ -121,6 +122,7 @@ def dataset_table(meta: pa.Table, tags: pa.Table, marks: dict[str, dict] | None 
     rows = [(marks or {}).get(k, {}) for k in columns["key"].to_pylist()]
     for name, kind in MARK_COLUMNS.items():
         columns[name] = pa.array([row.get(name) for row in rows], kind)
+    columns["duplicate_of"] = pa.nulls(len(rows), pa.string())  # set once the run's groups are known (index-dedup)
     order = [c for c in layout.DATASET_COLUMNS if c in columns]
     order += [c for c in columns if c not in order]  # user tag columns after LAION's
     return pa.table({c: columns[c] for c in order})

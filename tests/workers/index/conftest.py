@@ -12,6 +12,7 @@ from clipfleet.shared import layout
 from clipfleet.shared.pipeline import execute
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store, shard_name
+from clipfleet.workers.index.dedup import DedupIndex
 from clipfleet.workers.index.stage import IndexStage, MergeIndex, TrainIndex
 
 UPSTREAM = ("download", "clip", "embed", "tag")
@@ -95,7 +96,7 @@ def drive(store: Store, shards) -> list[str]:
     """Run the index tasks of `shards` here, with the run-once tasks whenever they are due, as
     the fleet would; returns what ran, in order."""
     cfg = RunConfig.load(store)
-    stage, train, merge = IndexStage(cfg), TrainIndex(cfg), MergeIndex(cfg)
+    stage, train, merge, dedup = IndexStage(cfg), TrainIndex(cfg), MergeIndex(cfg), DedupIndex(cfg)
     ran = []
 
     def once(task):
@@ -111,8 +112,8 @@ def drive(store: Store, shards) -> list[str]:
         execute(stage, store, shard)
         ran.append(f"index {shard}")
         if once(train):
-            once(merge)
-        once(merge)
+            once(merge) and once(dedup)
+        once(merge) and once(dedup)
     return ran
 
 

@@ -31,7 +31,7 @@ def test_small_run_trains_once_merges_once_and_ids_point_at_their_metadata_rows(
     for s in shards:
         add_shard(store, world, s, 200)
     ran = drive(store, shards)
-    assert [r.split()[0] for r in ran] == ["index", "index-train", "index", "index", "index-merge"]
+    assert [r.split()[0] for r in ran] == ["index", "index-train", "index", "index", "index-merge", "index-dedup"]
     assert store.done("index-train") == {"train"} and len(store.done("index-merge")) == 1
     infos = store.read_json("index/infos.json")
     # under 1000 vectors autofaiss builds an exact index
@@ -88,7 +88,7 @@ def test_shards_added_after_a_merge_give_the_same_neighbours_as_one_merge_of_all
     assert incremental.read_json("index/infos.json")["vectors"] == 3000
     add_shard(incremental, world, 2, 1500)           # a shard that arrives after the merge
     ran = drive(incremental, [2])
-    assert [r.split()[0] for r in ran] == ["index", "index-merge"]  # merged in, not retrained
+    assert [r.split()[0] for r in ran] == ["index", "index-merge", "index-dedup"]  # merged in, not retrained
     assert incremental.read_bytes("index/trained.index") == trained
     assert incremental.done("index-train") == {"train"}
     assert incremental.read_json("index/infos.json")["generation"] == 2

@@ -1,0 +1,143 @@
+"""Near-duplicate groups across a run: the sandbox world's pictures, and copies of each (re-encoded at
+quality 40, shrunk to half, cropped by 3%) at their own URLs and captions in other shards. Perceptual
+hashes are download's, of the real files; the image embeddings are the index tests' synthetic ones,
+a copy's its original's moved as CLIP moves a re-encoded picture (cosine ~0.98). The index tasks
+run as a fleet would run them (conftest.drive), dedup after the merge."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipfleet.shared import layout
+from clipfleet.shared.pipeline import Stats
+from clipfleet.shared.runconfig import RunConfig
+from clipfleet.shared.storage import Store
+from clipfleet.workers.download.phash import phash_bytes
+from clipfleet.workers.index import neardup
+from clipfleet.workers.index.dedup import DedupIndex
+from clipfleet.workers.index.plan import DEDUP_GROUPS, DEDUP_INFO, settled
+from tests.workers.download.conftest import truth, world  # noqa: F401 (fixtures: the sandbox world)
+from tests.workers.download.test_phash import KINDS, copies, original
+from tests.workers.index.conftest import World, drive, make_run, mark, normalise
+
+SHARDS = 4  # originals spread over every shard, each copy in another shard than its original
+
+
+def put(store: Store, rel: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_bytes(rel, buf.getvalue())
+
+
+def build(store: Store, world, truth, space: World) -> dict[str, str]:
+    """The run as the stages up to tag leave it; returns {copy key: its original's key}."""
+    urls = truth.column("url").to_pylist()
+    pictures = space.vectors(len(urls), 1).astype(np.float32)
+    rng = np.random.default_rng(11)
+    rows = {s: [] for s in range(SHARDS)}
+    originals = {}
+    for i, url in enumerate(urls):
+        data = original(world, url)
+        home = i % SHARDS
+        rows[home].append((url, f"picture {i}", phash_bytes(data), pictures[i], None, 0.30 + 0.001 * (i % 7)))
+        for n, (kind, copy) in enumerate(copies(data).items()):
+            moved = pictures[i] + 0.12 * rng.standard_normal(pictures.shape[1]) / np.sqrt(pictures.shape[1])
+            rows[(home + 1 + n) % SHARDS].append((f"http://127.0.0.1/copies/{i}-{kind}.jpg", f"a {kind} copy {i}",
+                                                  phash_bytes(copy), moved, i, 0.29))
+    for shard, samples in rows.items():
+        keys = [f"{shard:05d}{r:04d}" for r in range(len(samples))]
+        for key, sample in zip(keys, samples):
+            if sample[4] is not None:
+                originals[key] = sample[4]
+            else:
+                originals.setdefault(("picture", sample[1]), key)
+        url, text, phash, x, _, sim = map(list, zip(*samples))
+        buf = io.BytesIO()
+        np.save(buf, normalise(np.stack(x)))
+        store.write_bytes(layout.image_embeddings(shard), buf.getvalue())
+        n = len(keys)
+        put(store, layout.embedding_metadata(shard), pa.table({
+            "key": keys, "url": url, "caption": text, "similarity": pa.array(sim, pa.float32()),
+            "language": ["en"] * n, "width": pa.array([64] * n, pa.int32()), "height": pa.array([64] * n, pa.int32())}))
+        put(store, layout.url_shard(shard), pa.table({"url": url, "caption": text}))
+        put(store, layout.image_shard(shard, "parquet"), pa.table({"key": keys, "url": url, "phash": phash}))
+        put(store, layout.dataset_shard(shard, "parquet"), pa.table({"key": keys, "URL": url, "TEXT": text}))
+        mark(store, shard, n, space.dim)
+    return {key: originals[("picture", f"picture {i}")] for key, i in originals.items() if isinstance(key, str)}
+
+
+@pytest.fixture
+def run(tmp_path, world, truth):  # noqa: F811
+    store = make_run(str(tmp_path / "run"), index_key="IVF4,Flat", index_eval_queries=0)
+    want = build(store, world, truth, World(dim=64, latent=32, seed=2))
+    drive(store, range(SHARDS))
+    return store, want
+
+
+def published(store: Store) -> dict[str, str | None]:
+    out = {}
+    for s in range(SHARDS):
+        table = pq.read_table(io.BytesIO(store.read_bytes(layout.dataset_shard(s, "parquet"))))
+        out.update(zip(table.column("key").to_pylist(), table.column("duplicate_of").to_pylist()))
+    return out
+
+
+def test_copies_name_their_originals_group_and_distinct_pictures_stay_apart(run, truth):  # noqa: F811
+    store, want = run
+    assert settled(store)
+    groups = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS))).to_pylist()
+    group_of = {g["key"]: g["group"] for g in groups}
+    originals = set(want.values())
+    found = sum(group_of.get(c) is not None and group_of.get(c) == group_of.get(o) for c, o in want.items())
+    kept = {g["group"] for g in groups}
+    merged_originals = len(originals) - len({group_of.get(o, o) for o in originals})
+    print(f"copies in their original's group: {found} of {len(want)}; distinct pictures merged: {merged_originals}")
+    assert len(want) == len(KINDS) * len(originals) == 3 * truth.num_rows
+    assert found >= 0.95 * len(want)
+    assert merged_originals <= 0.02 * len(originals)
+    marks = published(store)
+    # the original has the highest CLIP similarity of its group, so it is kept; its copies name it
+    assert sum(marks[c] == o for c, o in want.items()) >= 0.95 * len(want)
+    assert sum(marks[o] is not None for o in originals) <= 0.02 * len(originals)
+    assert len(kept) == store.read_json(DEDUP_INFO)["groups"] and store.read_json(DEDUP_INFO)["key"] == "g00001"
+
+
+def test_a_rerun_after_a_crash_gives_the_same_result_and_dropping_leaves_copies_out(run, tmp_path):
+    store, want = run
+    before = (store.read_bytes(DEDUP_GROUPS), published(store))
+    # a worker killed after the marker, before the record: the follow-up of the redelivery finishes it
+    store.fs.rm(store.path(DEDUP_INFO))
+    task = DedupIndex(RunConfig.load(store))
+    assert task.due(store) == "g00001" and not settled(store)
+    task.after(store.uri, "g00001")
+    assert settled(store) and (store.read_bytes(DEDUP_GROUPS), published(store)) == before
+    assert store.read_json(DEDUP_INFO)["shards_rewritten"] == 0  # already marked: nothing rewritten
+    # killed before the marker: the redelivered task computes the same groups
+    again = task.run(store, "g00001", tmp_path, Stats()).files[DEDUP_GROUPS]
+    assert pq.read_table(again).equals(pq.read_table(io.BytesIO(before[0])))
+
+    cfg = RunConfig.load(store)
+    cfg.index.drop_near_duplicates = True
+    store.fs.rm(store.path(DEDUP_INFO))
+    DedupIndex(cfg).after(store.uri, "g00001")
+    left = published(store)
+    assert sum(c in left for c in want) <= 0.05 * len(want) and set(want.values()) <= set(left)
+    assert all(d is None for d in left.values()) and store.read_json(DEDUP_INFO)["dropped"]
+
+
+def test_phash_pairs_match_brute_force():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, size=60, dtype=np.uint64)
+    flips = np.uint64(1) << rng.integers(0, 64, size=(60, 6)).astype(np.uint64)
+    near = base.copy()
+    for col in range(6):
+        near ^= flips[:, col]
+    hashes = np.concatenate([base, near])
+    got = {tuple(p) for p in neardup.phash_pairs(hashes, np.ones(len(hashes), bool), 8).tolist()}
+    d = neardup.popcount(hashes[:, None] ^ hashes[None, :])
+    want = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes)) if d[i, j] <= 8}
+    assert got == want and len(want) >= 60

@@ -1,0 +1,185 @@
+"""index-dedup: near-duplicate groups across the whole run (workers/index/neardup.py says how), a
+run-once task on the index queue due after each merge (its key is the serving generation's).
+
+It commits dedup/groups.parquet (one row per sample in a group of two or more: id, key, group =
+the kept sample's id, duplicate_of = the kept sample's key, null for the kept one) with its marker.
+Its follow-up, run after the marker on every delivery, marks the published dataset: each
+dataset/{shard}.parquet gets `duplicate_of`, or, with --drop-near-duplicates, loses the duplicates'
+rows and their tar members; a shard already as wanted is not rewritten. dedup/info.json (counts,
+the thresholds, the key) is written last: the record that the groups are published, which the
+index stage's `settled` waits for. A worker killed anywhere redoes the same work from the same
+inputs and converges on the same files.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from clipfleet.shared import layout
+from clipfleet.shared.pipeline import RunOnce, StageOutput, Stats
+from clipfleet.shared.storage import Store
+from clipfleet.workers.index import neardup, vectors
+from clipfleet.workers.index.plan import DEDUP, DEDUP_GROUPS, DEDUP_INFO, dedup_done, dedup_key, read_infos
+from clipfleet.workers.index.takedown import _read_parquet, _without_members, _write_parquet, taken_down
+
+log = logging.getLogger("clipfleet.index.dedup")
+
+GROUP_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("group", pa.int64()),
+                          ("duplicate_of", pa.string())])
+
+
+def _samples(store: Store, shards: list[int], dim: int | None):
+    """ids, keys, similarity, phash (uint64), whether it has one, unit vectors of every sample
+    embedded in `shards` that was not taken down."""
+    ids, keys, sims, hashes, has, xs = [], [], [], [], [], []
+    for shard in shards:
+        meta = _read_parquet(store, layout.embedding_metadata(shard), ["key", "similarity"])
+        x = vectors.load(store, shard, "image", dim)
+        if meta is None or len(x) == 0:
+            continue
+        phashes = {}
+        images = _read_parquet(store, layout.image_shard(shard, "parquet"), ["key", "phash"])
+        if images is not None and "phash" in images.column_names:
+            phashes = dict(zip(images.column("key").to_pylist(), images.column("phash").to_pylist()))
+        k = meta.column("key").to_pylist()
+        ids.append(vectors.ids_of(shard, len(k)))
+        keys += k
+        sims.append(meta.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64))
+        hashes += [int(phashes[key], 16) if phashes.get(key) else 0 for key in k]
+        has += [bool(phashes.get(key)) for key in k]
+        xs.append(vectors.as_float32(x, vectors.embeddings_path(shard)))
+    if not keys:
+        return np.zeros(0, np.int64), [], np.zeros(0), np.zeros(0, np.uint64), np.zeros(0, bool), None
+    ids, x = np.concatenate(ids), np.concatenate(xs)
+    alive = ~np.isin(ids, taken_down(store))
+    x = x[alive] / np.linalg.norm(x[alive], axis=1, keepdims=True).clip(1e-12)
+    return (ids[alive], [k for k, a in zip(keys, alive) if a], np.concatenate(sims)[alive],
+            np.array(hashes, np.uint64)[alive], np.array(has, bool)[alive], np.ascontiguousarray(x, np.float32))
+
+
+class _Coarse:
+    """The trained IVF index's coarse quantizer, behind the index's own transforms (OPQ, PCA)."""
+
+    def __init__(self, index):
+        import faiss
+        self.index = index  # owns the quantizer
+        pre = faiss.downcast_index(index)
+        chain = pre.chain if isinstance(pre, faiss.IndexPreTransform) else None
+        self.transforms = [faiss.downcast_VectorTransform(chain.at(i)) for i in range(chain.size())] if chain else []
+        self.quantizer = faiss.extract_index_ivf(index).quantizer
+
+    def search(self, x: np.ndarray, k: int):
+        for t in self.transforms:
+            x = t.apply(x)
+        return self.quantizer.search(np.ascontiguousarray(x, np.float32), k)
+
+
+def _quantizer(store: Store, scratch: Path, ivf: bool):
+    """The trained index's coarse quantizer when it is IVF; None lets neardup run k-means."""
+    if not ivf or not store.exists(layout.trained_index()):
+        return None
+    import faiss
+    path = scratch / "trained.index"
+    path.write_bytes(store.read_bytes(layout.trained_index()))
+    return _Coarse(faiss.read_index(str(path)))
+
+
+def find_groups(store: Store, shards: list[int], options, train_stats: dict, scratch: Path,
+                stats: Stats) -> pa.Table:
+    ids, keys, sims, hashes, has, x = _samples(store, shards, train_stats.get("dim"))
+    stats.samples_in(len(keys))
+    if not keys:
+        return GROUP_SCHEMA.empty_table()
+    by_phash = neardup.phash_pairs(hashes, has, options.dedup_hamming)
+    assigned = neardup.clusters(x, _quantizer(store, scratch, bool(train_stats.get("ivf"))), options.index_seed)
+    by_embedding = neardup.semantic_pairs(x, assigned, options.dedup_eps)
+    rows, kept = neardup.group(keys, sims, [by_phash, by_embedding])
+    stats.add("phash_pairs", len(by_phash))
+    stats.add("embedding_pairs", len(by_embedding))
+    stats.add("clusters", int(len(np.unique(assigned))))
+    table = pa.table({"id": pa.array(ids[rows], pa.int64()), "key": [keys[r] for r in rows],
+                      "group": pa.array(ids[kept], pa.int64()),
+                      "duplicate_of": [None if r == k else keys[k] for r, k in zip(rows, kept)]},
+                     schema=GROUP_SCHEMA)
+    return table.sort_by([("group", "ascending"), ("id", "ascending")])
+
+
+def counts(groups: pa.Table) -> dict:
+    marked = int(groups.column("duplicate_of").null_count)
+    return {"groups": marked, "samples": len(groups), "duplicates": len(groups) - marked}
+
+
+class DedupIndex(RunOnce):
+    name = DEDUP
+    stage = "index"
+
+    def due(self, store: Store) -> str | None:
+        return None if dedup_done(store) else dedup_key(store)
+
+    def run(self, store: Store, key: str, out: Path, stats: Stats, **inputs) -> StageOutput:
+        from clipfleet.workers.index.plan import TRAIN, TRAIN_KEY
+        infos = read_infos(store) or {}
+        train = (store.marker(TRAIN, TRAIN_KEY) or {}).get("stats", {})
+        groups = find_groups(store, sorted(infos.get("shards", [])), self.options, train, out, stats)
+        for name, n in counts(groups).items():
+            stats.add(name, n)
+        stats.kept(len(groups))
+        path = out / "groups.parquet"
+        pq.write_table(groups, path)
+        return StageOutput({DEDUP_GROUPS: path})
+
+    def after(self, store_uri: str, key: str) -> None:
+        store = Store(store_uri)
+        marker = store.marker(self.name, key)
+        if marker is None or dedup_done(store):
+            return
+        groups = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS)))
+        rewritten = mark_dataset(store, groups, self.options.drop_near_duplicates)
+        store.write_json(DEDUP_INFO, {  # last: the groups are published
+            "key": key, **counts(groups), "hamming": self.options.dedup_hamming, "eps": self.options.dedup_eps,
+            "dropped": self.options.drop_near_duplicates, "shards_rewritten": rewritten,
+            "pairs": {k: marker["stats"].get(f"{k}_pairs", 0) for k in ("phash", "embedding")}})
+
+
+def mark_dataset(store: Store, groups: pa.Table, drop: bool) -> int:
+    """Give every published shard its `duplicate_of` (or drop the duplicates); returns how many
+    shards changed. A shard already as wanted is left alone, so a rerun rewrites nothing."""
+    marks = {k: d for k, d in zip(groups.column("key").to_pylist(), groups.column("duplicate_of").to_pylist())
+             if d is not None}
+    shards = sorted({layout.split_id(i)[0] for i in groups.column("id").to_pylist()}
+                    | {int(n) for n in store.done("tag")})
+    return sum(_mark_shard(store, shard, marks, drop) for shard in shards)
+
+
+def _mark_shard(store: Store, shard: int, marks: dict[str, str], drop: bool) -> bool:
+    rel = layout.dataset_shard(shard, "parquet")
+    table = _read_parquet(store, rel)
+    if table is None or "key" not in table.column_names:
+        return False
+    keys = table.column("key").to_pylist()
+    column = pa.array([marks.get(k) for k in keys], pa.string())
+    wanted = table.drop_columns([c for c in ("duplicate_of",) if c in table.column_names])
+    where = layout.DATASET_COLUMNS.index("duplicate_of")
+    position = len([c for c in layout.DATASET_COLUMNS[:where] if c in wanted.column_names])
+    wanted = wanted.add_column(position, "duplicate_of", column)
+    if drop:
+        gone = {k for k in keys if k in marks}
+        wanted = wanted.filter(pc.is_null(wanted.column("duplicate_of")))
+        tar = layout.dataset_shard(shard, "tar")
+        if gone and store.exists(tar):
+            data, dropped = _without_members(store.read_bytes(tar), gone)
+            if dropped:
+                store.write_bytes(tar, data)  # before the parquet: a rerun finds the parquet still to do
+    if wanted.equals(table):
+        return False
+    _write_parquet(store, rel, wanted)
+    return True
+
+
+__all__ = ["DedupIndex", "find_groups", "mark_dataset", "counts", "GROUP_SCHEMA"]

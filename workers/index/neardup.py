@@ -1,0 +1,126 @@
+"""Near-duplicate groups across a whole run, from two relations, unioned:
+
+- perceptual-hash neighbours: two pictures whose 64-bit pHashes differ in at most `hamming` bits.
+  Pigeonhole: split the 64 bits into `hamming + 1` bands; two hashes that close agree exactly on one
+  band at least, so only pictures sharing a band's value are compared (multi-index hashing).
+- semantic near-duplicates (SemDeDup): image embeddings are clustered (by the index's trained
+  coarse quantizer when the index is IVF, by k-means on the run's vectors otherwise), then inside a
+  cluster two samples whose cosine similarity is >= 1 - eps are duplicates.
+
+Pairs are joined by union-find; in each group the sample kept is the one with the highest CLIP
+similarity, ties by key, and every other one names it. Pure functions of their inputs, so a rerun
+computes the same groups.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from clipfleet.workers.download.phash import _POPCOUNT
+
+BLOCK = 2048          # rows compared at once: BLOCK x cluster floats in memory
+KMEANS_POINTS = 20_000  # without an IVF quantizer, one cluster per this many vectors (SemDeDup's scale)
+
+
+class UnionFind:
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:  # path compression
+            self.parent[i], i = root, self.parent[i]
+        return int(root)
+
+    def union(self, pairs: np.ndarray) -> None:
+        for a, b in pairs:
+            ra, rb = self.find(int(a)), self.find(int(b))
+            if ra != rb:
+                self.parent[max(ra, rb)] = min(ra, rb)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], np.int64)
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Bits set in each uint64 of `x` (any shape)."""
+    return _POPCOUNT[np.ascontiguousarray(x, np.uint64).view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1)
+
+
+def _pairs_within(members: np.ndarray, close) -> list[np.ndarray]:
+    """(i, j) pairs, i < j, of `members` for which close(rows, members) is true, a block at a time."""
+    out = []
+    for start in range(0, len(members) - 1, BLOCK):
+        rows = members[start:start + BLOCK]
+        hit = close(rows, members)
+        i, j = np.nonzero(hit)
+        keep = start + i < j  # each pair once, never a sample with itself
+        out.append(np.stack([rows[i[keep]], members[j[keep]]], axis=1))
+    return out
+
+
+def phash_pairs(hashes: np.ndarray, valid: np.ndarray, hamming: int) -> np.ndarray:
+    """(n, 2) index pairs of valid hashes within `hamming` bits of each other."""
+    hashes = np.asarray(hashes, np.uint64)
+    idx = np.nonzero(valid)[0]
+    bands = min(64, hamming + 1)
+    edges = np.linspace(0, 64, bands + 1).astype(int)
+    found = [np.zeros((0, 2), np.int64)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        value = (hashes[idx] >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(value, kind="stable")
+        cuts = np.nonzero(np.diff(value[order]))[0] + 1
+        for bucket in np.split(idx[order], cuts):
+            if len(bucket) > 1:
+                found += _pairs_within(bucket, lambda rows, members: popcount(
+                    hashes[rows][:, None] ^ hashes[members][None, :]) <= hamming)
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def clusters(x: np.ndarray, quantizer=None, seed: int = 0) -> np.ndarray:
+    """A cluster per row of `x`: the trained coarse quantizer's nearest centroid, or k-means'."""
+    if quantizer is None:
+        k = len(x) // KMEANS_POINTS
+        if k < 2:
+            return np.zeros(len(x), np.int64)
+        import faiss
+        kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True)
+        kmeans.train(x)
+        quantizer = kmeans.index
+    _, assigned = quantizer.search(x, 1)
+    return assigned[:, 0].astype(np.int64)
+
+
+def semantic_pairs(x: np.ndarray, assigned: np.ndarray, eps: float) -> np.ndarray:
+    """(n, 2) index pairs in the same cluster with cosine similarity >= 1 - eps (rows unit length)."""
+    order = np.argsort(assigned, kind="stable")
+    cuts = np.nonzero(np.diff(assigned[order]))[0] + 1
+    found = [np.zeros((0, 2), np.int64)]
+    for members in np.split(order, cuts):
+        if len(members) > 1:
+            found += _pairs_within(members, lambda rows, m: x[rows] @ x[m].T >= 1 - eps)
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def choose(roots: np.ndarray, similarity: np.ndarray, keys: list[str]) -> dict[int, int]:
+    """group root -> the row kept: highest similarity, ties by the smaller key."""
+    best: dict[int, int] = {}
+    score = np.nan_to_num(np.asarray(similarity, np.float64), nan=-np.inf)
+    for row, root in enumerate(roots.tolist()):
+        other = best.get(root)
+        if other is None or (-score[row], keys[row]) < (-score[other], keys[other]):
+            best[root] = row
+    return best
+
+
+def group(keys: list[str], similarity, pairs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows in a group of two or more, the kept row of each), unioned over every relation's pairs."""
+    uf = UnionFind(len(keys))
+    for p in pairs:
+        uf.union(p)
+    roots = uf.roots()
+    sizes = np.bincount(roots, minlength=len(keys))
+    rows = np.nonzero(sizes[roots] > 1)[0]
+    kept = choose(roots[rows], np.asarray(similarity)[rows], [keys[r] for r in rows])
+    return rows, np.array([rows[kept[r]] for r in roots[rows].tolist()], np.int64)
