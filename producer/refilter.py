@@ -97,6 +97,9 @@ def refilter(store: Store, percent: float) -> dict:
                             "--min-similarity thresholds, or in shards not tagged yet): lower the percentage, or "
                             "run with lower thresholds")
     rewritten = sum(_publish(store, shard, rows) for shard, rows in wanted.items())
+    if rewritten:
+        from clipfleet.workers.index.dedup import remark
+        remark(store)  # a rewritten shard keeps its near-duplicate marks (dedup/groups.parquet)
     ids = np.array(sorted(left_out), np.int64)
     record = {"keep_top_percent": percent, "buckets": buckets, "published": sum(map(len, wanted.values())),
               "filtered": len(ids)}

@@ -157,6 +157,15 @@ def mark_dataset(store: Store, groups: pa.Table, drop: bool) -> int:
     return sum(_mark_shard(store, shard, marks, drop) for shard in shards)
 
 
+def remark(store: Store) -> int:
+    """Mark the published dataset again from the groups in force (after refilter rewrote shards)."""
+    if not store.exists(DEDUP_GROUPS):
+        return 0
+    from clipfleet.shared.runconfig import RunConfig
+    groups = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS)))
+    return mark_dataset(store, groups, RunConfig.load(store).index.drop_near_duplicates)
+
+
 def _mark_shard(store: Store, shard: int, marks: dict[str, str], drop: bool) -> bool:
     rel = layout.dataset_shard(shard, "parquet")
     table = _read_parquet(store, rel)
@@ -182,4 +191,4 @@ def _mark_shard(store: Store, shard: int, marks: dict[str, str], drop: bool) -> 
     return True
 
 
-__all__ = ["DedupIndex", "find_groups", "mark_dataset", "counts", "GROUP_SCHEMA"]
+__all__ = ["DedupIndex", "find_groups", "mark_dataset", "remark", "counts", "GROUP_SCHEMA"]
