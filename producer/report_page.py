@@ -226,6 +226,14 @@ class Page:
         self.table(["modality", "key", "generation", "shards", "size", "recall@1", "recall@10",
                     "ms per query p50 / p99"], rows)
         self.note("recall measured by the index stage on held-out text queries against exact search")
+        from clipfleet.workers.index.plan import DEDUP_INFO
+        try:
+            dedup = store.read_json(DEDUP_INFO)
+        except (FileNotFoundError, ValueError):
+            return
+        action = "left out of dataset/" if dedup.get("dropped") else "marked with duplicate_of"
+        self.note(f"near-duplicates: {dedup['groups']} groups holding {dedup['samples']} samples; "
+                  f"{dedup['duplicates']} {action} (pHash within {dedup['hamming']} bits, cosine >= 1 - {dedup['eps']})")
 
     def grid(self, store: Store, samples: Samples, per_kind: int) -> None:
         self.section("Samples kept and dropped", "samples")

@@ -104,6 +104,9 @@ def test_copies_name_their_originals_group_and_distinct_pictures_stay_apart(run,
     assert sum(marks[c] == o for c, o in want.items()) >= 0.95 * len(want)
     assert sum(marks[o] is not None for o in originals) <= 0.02 * len(originals)
     assert len(kept) == store.read_json(DEDUP_INFO)["groups"] and store.read_json(DEDUP_INFO)["key"] == "g00001"
+    from clipfleet.producer.report import build_report
+    assert (f"near-duplicates: {len(kept)} groups holding {len(groups)} samples; {len(groups) - len(kept)} marked"
+            in build_report(store))
 
 
 def test_a_rerun_after_a_crash_gives_the_same_result_and_dropping_leaves_copies_out(run, tmp_path):
