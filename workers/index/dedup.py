@@ -1,18 +1,18 @@
 """index-dedup: near-duplicate groups across the whole run (workers/index/neardup.py says how), a
 run-once task on the index queue due after each merge (its key is the serving generation's).
 
-It commits dedup/groups.parquet (one row per sample in a group of two or more: id, key, group =
-the kept sample's id, duplicate_of = the kept sample's key, null for the kept one) with its marker.
-Its follow-up, run after the marker on every delivery, marks the published dataset: each
-dataset/{shard}.parquet gets `duplicate_of`, or, with --drop-near-duplicates, loses the duplicates'
-rows and their tar members; a shard already as wanted is not rewritten. dedup/info.json (counts,
-the thresholds, the key) is written last: the record that the groups are published, which the
-index stage's `settled` waits for. A worker killed anywhere redoes the same work from the same
-inputs and converges on the same files.
+It first marks the published dataset: each dataset/{shard}.parquet gets `duplicate_of`, or, with
+--drop-near-duplicates, loses the duplicates' rows and their tar members; a shard already as wanted
+is not rewritten. Then it commits dedup/groups.parquet (one row per sample in a group of two or
+more: id, key, group = the kept sample's id, duplicate_of = the kept sample's key, null for the kept
+one), dedup/info.json (counts, thresholds, the key: the record the index stage's `settled` waits
+for) and its marker, in that order. A worker killed anywhere leaves no marker; the redelivered task
+computes the same groups from the same inputs and converges on the same files.
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -127,24 +127,21 @@ class DedupIndex(RunOnce):
         infos = read_infos(store) or {}
         train = (store.marker(TRAIN, TRAIN_KEY) or {}).get("stats", {})
         groups = find_groups(store, sorted(infos.get("shards", [])), self.options, train, out, stats)
-        for name, n in counts(groups).items():
+        found = counts(groups)
+        for name, n in found.items():
             stats.add(name, n)
         stats.kept(len(groups))
-        path = out / "groups.parquet"
-        pq.write_table(groups, path)
-        return StageOutput({DEDUP_GROUPS: path})
-
-    def after(self, store_uri: str, key: str) -> None:
-        store = Store(store_uri)
-        marker = store.marker(self.name, key)
-        if marker is None or dedup_done(store):
-            return
-        groups = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS)))
+        # the dataset is marked before the commit: a worker killed here leaves no marker, and the
+        # redelivered task computes the same groups and finds those shards already as wanted
         rewritten = mark_dataset(store, groups, self.options.drop_near_duplicates)
-        store.write_json(DEDUP_INFO, {  # last: the groups are published
-            "key": key, **counts(groups), "hamming": self.options.dedup_hamming, "eps": self.options.dedup_eps,
+        stats.add("shards_rewritten", rewritten)
+        path, info = out / "groups.parquet", out / "info.json"
+        pq.write_table(groups, path)
+        info.write_text(json.dumps({
+            "key": key, **found, "hamming": self.options.dedup_hamming, "eps": self.options.dedup_eps,
             "dropped": self.options.drop_near_duplicates, "shards_rewritten": rewritten,
-            "pairs": {k: marker["stats"].get(f"{k}_pairs", 0) for k in ("phash", "embedding")}})
+            "pairs": {k: stats.get(f"{k}_pairs") for k in ("phash", "embedding")}}, indent=1, sort_keys=True))
+        return StageOutput({DEDUP_GROUPS: path, DEDUP_INFO: info})  # the record last
 
 
 def mark_dataset(store: Store, groups: pa.Table, drop: bool) -> int:
