@@ -96,9 +96,9 @@ def find_groups(store: Store, shards: list[int], options, train_stats: dict, scr
     stats.samples_in(len(keys))
     if not keys:
         return GROUP_SCHEMA.empty_table()
-    by_phash = neardup.phash_pairs(hashes, has, options.dedup_hamming)
+    by_phash = neardup.phash_pairs(hashes, has, options.near_dup_hamming)
     assigned = neardup.clusters(x, _quantizer(store, scratch, bool(train_stats.get("ivf"))), options.index_seed)
-    by_embedding = neardup.semantic_pairs(x, assigned, options.dedup_eps)
+    by_embedding = neardup.semantic_pairs(x, assigned, options.near_dup_eps)
     rows, kept = neardup.group(keys, sims, [by_phash, by_embedding])
     stats.add("phash_pairs", len(by_phash))
     stats.add("embedding_pairs", len(by_embedding))
@@ -138,7 +138,7 @@ class DedupIndex(RunOnce):
         path, info = out / "groups.parquet", out / "info.json"
         pq.write_table(groups, path)
         info.write_text(json.dumps({
-            "key": key, **found, "hamming": self.options.dedup_hamming, "eps": self.options.dedup_eps,
+            "key": key, **found, "hamming": self.options.near_dup_hamming, "eps": self.options.near_dup_eps,
             "dropped": self.options.drop_near_duplicates, "shards_rewritten": rewritten,
             "pairs": {k: stats.get(f"{k}_pairs") for k in ("phash", "embedding")}}, indent=1, sort_keys=True))
         return StageOutput({DEDUP_GROUPS: path, DEDUP_INFO: info})  # the record last

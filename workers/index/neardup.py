@@ -21,31 +21,38 @@ BLOCK = 2048          # rows compared at once: BLOCK x cluster floats in memory
 KMEANS_POINTS = 20_000  # without an IVF quantizer, one cluster per this many vectors (SemDeDup's scale)
 
 
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = np.arange(n, dtype=np.int64)
-
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:  # path compression
-            self.parent[i], i = root, self.parent[i]
-        return int(root)
-
-    def union(self, pairs: np.ndarray) -> None:
-        for a, b in pairs:
-            ra, rb = self.find(int(a)), self.find(int(b))
-            if ra != rb:
-                self.parent[max(ra, rb)] = min(ra, rb)
-
-    def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], np.int64)
+def components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Union-find over `pairs`, vectorised: each row's label becomes the smallest row it is joined
+    to (min-label propagation with pointer jumping; a Python loop per pair is too slow at scale)."""
+    labels = np.arange(n, dtype=np.int64)
+    if len(pairs) == 0:
+        return labels
+    a, b = pairs[:, 0], pairs[:, 1]
+    while True:
+        low = np.minimum(labels[a], labels[b])
+        before = labels.copy()
+        np.minimum.at(labels, a, low)
+        np.minimum.at(labels, b, low)
+        np.minimum.at(labels, before, labels)  # a root takes its members' smaller label too
+        while True:  # pointer jumping: every row straight to its root
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+        if np.array_equal(labels, before):
+            return labels
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
     """Bits set in each uint64 of `x` (any shape)."""
     return _POPCOUNT[np.ascontiguousarray(x, np.uint64).view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1)
+
+
+def _unique(found: list[np.ndarray]) -> np.ndarray:
+    """Each pair once (bands and blocks can find one twice); one int64 per pair sorts far faster than rows."""
+    pairs = np.concatenate(found).astype(np.int64)
+    packed = np.unique((pairs[:, 0] << np.int64(32)) | pairs[:, 1])
+    return np.stack([packed >> np.int64(32), packed & np.int64(0xFFFFFFFF)], axis=1)
 
 
 def _pairs_within(members: np.ndarray, close) -> list[np.ndarray]:
@@ -75,7 +82,7 @@ def phash_pairs(hashes: np.ndarray, valid: np.ndarray, hamming: int) -> np.ndarr
             if len(bucket) > 1:
                 found += _pairs_within(bucket, lambda rows, members: popcount(
                     hashes[rows][:, None] ^ hashes[members][None, :]) <= hamming)
-    return np.unique(np.concatenate(found), axis=0)
+    return _unique(found)
 
 
 def clusters(x: np.ndarray, quantizer=None, seed: int = 0) -> np.ndarray:
@@ -100,7 +107,7 @@ def semantic_pairs(x: np.ndarray, assigned: np.ndarray, eps: float) -> np.ndarra
     for members in np.split(order, cuts):
         if len(members) > 1:
             found += _pairs_within(members, lambda rows, m: x[rows] @ x[m].T >= 1 - eps)
-    return np.unique(np.concatenate(found), axis=0)
+    return _unique(found)
 
 
 def choose(roots: np.ndarray, similarity: np.ndarray, keys: list[str]) -> dict[int, int]:
@@ -116,10 +123,7 @@ def choose(roots: np.ndarray, similarity: np.ndarray, keys: list[str]) -> dict[i
 
 def group(keys: list[str], similarity, pairs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(rows in a group of two or more, the kept row of each), unioned over every relation's pairs."""
-    uf = UnionFind(len(keys))
-    for p in pairs:
-        uf.union(p)
-    roots = uf.roots()
+    roots = components(len(keys), np.concatenate([np.zeros((0, 2), np.int64), *pairs]).astype(np.int64))
     sizes = np.bincount(roots, minlength=len(keys))
     rows = np.nonzero(sizes[roots] > 1)[0]
     kept = choose(roots[rows], np.asarray(similarity)[rows], [keys[r] for r in rows])

@@ -55,9 +55,9 @@ class IndexOptions:
                                      check=not_negative)
     index_text: bool = option(False, "also build a text index (text embeddings; for modality=text search)")
     index_seed: int = option(0, "seed of the training sample and the held-out queries")
-    dedup_hamming: int = option(DEDUP_HAMMING, "near-duplicates: pictures whose 64-bit perceptual hashes differ in at "
+    near_dup_hamming: int = option(DEDUP_HAMMING, "near-duplicates: pictures whose 64-bit perceptual hashes differ in at "
                                                "most this many bits", check=not_negative)
-    dedup_eps: float = option(DEDUP_EPS, "near-duplicates: samples in one coarse cluster whose image embeddings' cosine "
+    near_dup_eps: float = option(DEDUP_EPS, "near-duplicates: samples in one coarse cluster whose image embeddings' cosine "
                                          "similarity is >= 1 - eps (SemDeDup's eps)", check=_fraction)
     drop_near_duplicates: bool = option(False, "leave near-duplicates out of dataset/ (by default they are published, "
                                                "`duplicate_of` naming the sample kept for their group)")

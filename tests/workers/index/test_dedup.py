@@ -143,3 +143,18 @@ def test_phash_pairs_match_brute_force():
     d = neardup.popcount(hashes[:, None] ^ hashes[None, :])
     want = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes)) if d[i, j] <= 8}
     assert got == want and len(want) >= 60
+
+
+def test_components_are_union_find():
+    rng = np.random.default_rng(1)
+    pairs = rng.integers(0, 500, size=(300, 2))
+    parent = list(range(500))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    for a, b in pairs.tolist():
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    assert neardup.components(500, pairs).tolist() == [find(i) for i in range(500)]

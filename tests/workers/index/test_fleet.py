@@ -1,5 +1,6 @@
-"""A real index-merge worker SIGKILLed during training, during a merge and during a shard's add:
-nothing half-done is visible, and the redelivered tasks finish the index the run would have had."""
+"""A real index-merge worker SIGKILLed during training, during a merge, while grouping near-duplicates
+and during a shard's add: nothing half-done is visible, and the redelivered tasks finish the index
+(and the near-duplicate groups) the run would have had."""
 from __future__ import annotations
 
 import os
@@ -20,7 +21,9 @@ from clipfleet.shared.serving import ServingIndex
 from tests.helpers import wait_until
 from tests.workers.index.conftest import World, add_shard, drive, make_run
 
-OPTIONS = dict(index_key="IVF512,PQ8", index_eval_queries=300, index_seed=3)
+# near_dup_eps: this world's clusters are far denser than CLIP's (a third of its vectors have a
+# neighbour within cosine 0.95), so a tight eps keeps the groups few
+OPTIONS = dict(index_key="IVF512,PQ8", index_eval_queries=300, index_seed=3, near_dup_eps=0.001)
 VISIBILITY = 30
 
 
@@ -88,10 +91,15 @@ def test_worker_killed_in_train_merge_and_add_loses_nothing(tmp_path, isolated_s
         assert not store.exists("index/infos.json") and not store.done("index-merge")
         assert store.done("index-train") == {"train"}
 
+        # 3. killed while grouping near-duplicates (after that merge)
+        wait_until(lambda: broker.exists(lock + "index-dedup") and in_staging(worker_tmp), 300, "dedup", 0.02)
+        kill_and_restart()
+        assert not store.exists("dedup/info.json") and not store.done("index-dedup")
+
         wait_until(lambda: settled(store), 300, "the first merge")
         assert store.read_json("index/infos.json")["generation"] == 1
 
-        # 3. killed while a late shard is added
+        # 4. killed while a late shard is added
         add_shard(store, world, 4, 200_000)
         app.send_task("clipfleet.index", args=(store.uri, 4))
         wait_until(lambda: in_staging(worker_tmp), 300, "shard 4 being added", 0.02)
@@ -105,6 +113,8 @@ def test_worker_killed_in_train_merge_and_add_loses_nothing(tmp_path, isolated_s
     assert infos["generation"] == want["generation"] == 2 and infos["vectors"] == want["vectors"] == 250_000
     assert store.done("index-train") == {"train"} and not store.deadletters("index")
     assert store.read_bytes("index/trained.index") == reference.read_bytes("index/trained.index")
+    assert store.read_bytes("dedup/groups.parquet") == reference.read_bytes("dedup/groups.parquet")
+    assert store.done("index-dedup") == reference.done("index-dedup") == {"g00001", "g00002"}
     queries = world.vectors(50, 77).astype(np.float32)
     got, expected = ServingIndex.open(store).search(queries, 10), ServingIndex.open(reference).search(queries, 10)
     assert (got[1] == expected[1]).all() and np.array_equal(got[0], expected[0])
