@@ -53,7 +53,7 @@ class KnnQuery(BaseModel):
                                                                "similarity only); default num_images")
     indice_name: str | None = Field(None, max_length=1000, description="an index from /indices-list; default the first")
     use_mclip: bool | None = Field(False, description="accepted; queries are embedded with the run's own model")
-    deduplicate: bool | None = Field(False, description="drop near-duplicate images (cosine >= 0.94, first kept)")
+    deduplicate: bool | None = Field(False, description="drop near-duplicate images (the run's near-duplicate groups, then cosine >= 0.94; first kept)")
     use_safety_model: bool | None = Field(False, description="drop samples with punsafe > 0.5")
     use_violence_detector: bool | None = Field(False, description="accepted; reported when the run has no such model")
     aesthetic_score: int | str | None = Field(None, description="move the query towards samples rated this "

@@ -9,6 +9,7 @@ depth cap and the deadline allow. Outcome.notes say what could not be honoured a
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from clipfleet.search.catalog import Catalog, cache_dir_for, ensure_catalog
 from clipfleet.search.encoder import Encoder, QueryError, normalized
 from clipfleet.search.index import IndexMissing, infos_model, open_index
 from clipfleet.search.settings import ServeSettings
+from clipfleet.shared import layout
 from clipfleet.shared.serving import read_hidden
 from clipfleet.shared.storage import Store
 
@@ -101,6 +103,7 @@ class Engine:
             self.text_missing = str(exc)
         self.dim = self.indices["image"].dim
         self._hidden, self._hidden_checked = (None, np.zeros(0, np.int64)), 0.0
+        self._groups, self._groups_checked = (None, np.zeros(0, np.int64), np.zeros(0, np.int64)), 0.0
         threads = threads or max(1, (os.cpu_count() or 1))
         import faiss
         # One query per search call: OpenMP threads would spin on each other (and on the other
@@ -237,12 +240,37 @@ class Engine:
             ok &= np.array([lang in filters.languages for lang in languages], bool)
         keep = np.nonzero(ok)[0]
         if filters.deduplicate and len(keep) > 1:
+            _, first = np.unique(self.near_duplicate_groups(ids[keep]), return_index=True)
+            keep = keep[np.sort(first)]  # one per near-duplicate group of the run (index-dedup's)
+        if filters.deduplicate and len(keep) > 1:
             vectors = cat.embeddings(ids[keep])
             if vectors is None:
                 notes["deduplicate"] = "this run's image embeddings are not all readable"
             else:
                 keep = keep[keep_first_of_components(vectors)]
         return keep
+
+    def near_duplicate_groups(self, ids: np.ndarray) -> np.ndarray:
+        """Each id's near-duplicate group (dedup/groups.parquet), the id itself when in none; the
+        groups are read again when dedup/info.json names another generation."""
+        now = time.monotonic()
+        if now - self._groups_checked >= TAKEDOWN_REFRESH_S:
+            self._groups_checked = now
+            try:
+                key = self.store.read_json(layout.DEDUP_INFO).get("key")
+                if key != self._groups[0]:
+                    import pyarrow.parquet as pq
+                    table = pq.read_table(io.BytesIO(self.store.read_bytes(layout.DEDUP_GROUPS)),
+                                          columns=["id", "group"]).sort_by("id")
+                    self._groups = (key, table.column("id").to_numpy(), table.column("group").to_numpy())
+            except FileNotFoundError:  # no groups (yet)
+                self._groups = (None, np.zeros(0, np.int64), np.zeros(0, np.int64))
+            except OSError as exc:  # the store is away for a moment: keep what we have
+                log.warning("near-duplicate groups unreadable: %s", exc)
+        _, members, group = self._groups
+        pos = np.searchsorted(members, ids).clip(0, max(len(members) - 1, 0))
+        hit = (members[pos] == ids) if len(members) else np.zeros(len(ids), bool)
+        return np.where(hit, group[pos] if len(members) else ids, ids)
 
     # -- metadata ---------------------------------------------------------------------------------
     def metadata(self, ids) -> list[dict | None]:

@@ -116,6 +116,11 @@ FILTERED_IDS = "filtered/ids.npy"
 FILTER_RECORD = "filtered/filter.json"
 
 
+# index-dedup (workers/index/dedup.py): the run's near-duplicate groups, and their record (written last)
+DEDUP_GROUPS = "dedup/groups.parquet"
+DEDUP_INFO = "dedup/info.json"
+
+
 def takedown_record(stamp: str) -> str:
     return f"{TAKEDOWNS}/{stamp}.json"
 

@@ -178,3 +178,23 @@ def test_deadline_stops_the_deeper_search_and_says_so(engine):
     outcome = engine.search(query, 10, filters=Filters(languages=("xx",)), deadline=time.monotonic() - 1)
     assert outcome.rounds == 1 and not outcome.complete
     assert "query deadline" in outcome.notes["num_result_ids"]
+
+
+def test_deduplicate_keeps_one_of_each_of_the_runs_near_duplicate_groups(search_store, tmp_path):
+    import shutil
+    directory = tmp_path / "run"
+    shutil.copytree(search_store[0], directory)
+    store = Store(str(directory))
+    settings = ServeSettings(cache_dir=str(tmp_path / "cache"))
+    engine = Engine(store, settings, load_model=False)
+    query = engine.catalog.embeddings([next(iter(search_store[1]))])
+    before = engine.search(query, 6, filters=Filters(deduplicate=True)).ids.tolist()
+    # index-dedup grouped the 2nd and 4th results (pictures the embeddings alone do not join)
+    groups = pa.table({"id": [before[1], before[3]], "key": ["b", "d"], "group": [before[1]] * 2,
+                       "duplicate_of": [None, "b"]})
+    buf = pa.BufferOutputStream()
+    pq.write_table(groups, buf)
+    store.write_bytes(layout.DEDUP_GROUPS, buf.getvalue().to_pybytes())
+    store.write_json(layout.DEDUP_INFO, {"key": "g00001"})
+    after = Engine(store, settings, load_model=False).search(query, 6, filters=Filters(deduplicate=True)).ids.tolist()
+    assert before[1] in after and before[3] not in after and len(after) == 6

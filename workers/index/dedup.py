@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,9 @@ from clipfleet.shared import layout
 from clipfleet.shared.pipeline import RunOnce, StageOutput, Stats
 from clipfleet.shared.storage import Store
 from clipfleet.workers.index import neardup, vectors
-from clipfleet.workers.index.plan import DEDUP, DEDUP_GROUPS, DEDUP_INFO, dedup_done, dedup_key, read_infos
+from clipfleet.workers.index.plan import (DEDUP, DEDUP_GROUPS, DEDUP_INFO, TRAIN, TRAIN_KEY, dedup_done, dedup_key,
+                                         read_infos)
 from clipfleet.workers.index.takedown import _read_parquet, _without_members, _write_parquet, taken_down
-
-log = logging.getLogger("clipfleet.index.dedup")
 
 GROUP_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("group", pa.int64()),
                           ("duplicate_of", pa.string())])
@@ -123,7 +121,6 @@ class DedupIndex(RunOnce):
         return None if dedup_done(store) else dedup_key(store)
 
     def run(self, store: Store, key: str, out: Path, stats: Stats, **inputs) -> StageOutput:
-        from clipfleet.workers.index.plan import TRAIN, TRAIN_KEY
         infos = read_infos(store) or {}
         train = (store.marker(TRAIN, TRAIN_KEY) or {}).get("stats", {})
         groups = find_groups(store, sorted(infos.get("shards", [])), self.options, train, out, stats)

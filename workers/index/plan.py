@@ -20,8 +20,7 @@ TRAIN = "index-train"
 TRAIN_KEY = "train"
 PART_MARKERS = "index-part"   # partials the train task built for shards that waited for it
 DEDUP = "index-dedup"         # near-duplicate groups of a serving generation (workers/index/dedup.py)
-DEDUP_GROUPS = "dedup/groups.parquet"
-DEDUP_INFO = "dedup/info.json"  # written last: the groups of its key are published
+DEDUP_GROUPS, DEDUP_INFO = layout.DEDUP_GROUPS, layout.DEDUP_INFO
 
 
 def trained(run: RunState) -> dict | None:
