@@ -204,7 +204,7 @@ def index_ids(store: Store) -> np.ndarray:
 def check_published(store: Store) -> dict:
     """Every sample the CLIP filter kept is in dataset/ and in the index exactly once, no key
     twice, no dead letter anywhere. Returns counts for the test to print."""
-    for stage in [*REGISTRY.names(), "index-train", "index-merge"]:
+    for stage in [*REGISTRY.names(), "index-train", "index-merge", "index-dedup"]:
         assert store.deadletters(stage) == [], f"{stage} has dead letters"
     clip_shards = sorted(store.done("clip"))
     assert clip_shards == sorted(store.done("download")) and clip_shards == sorted(store.done("tag"))
