@@ -278,7 +278,7 @@ def worker_env(broker: str) -> dict:
 
 
 def worker_argv(queues: list[str], broker: str, concurrency: int | None = None) -> list[str]:
-    from clipfleet.workers.app import time_limits
+    from clipfleet.workers.limits import time_limits
     time_limits()  # refuse misordered limits here, with one line, not in a worker's traceback
     single = all(single_process(q) for q in queues)
     concurrency = concurrency or (1 if single else os.cpu_count() or 1)
@@ -304,7 +304,8 @@ def start_fleet(queues: list[str], broker: str | None = None, store_key: str | N
             check_broker(broker)
             fleet.broker = broker
         else:
-            # The workers spend ~1 s importing before they connect: Redis comes up meanwhile.
+            # The workers spend ~1 s importing before they connect: Redis comes up meanwhile. (Spawned
+            # first all the same: a worker that finds no broker retries, slower than Redis starts.)
             fleet.start_redis(state_dir(store_key), wait=False)
         for q in queues:
             fleet.start_worker([q], concurrency)
