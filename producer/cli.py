@@ -117,6 +117,7 @@ def checked_blocklist(blocklist: str) -> str:
 
 
 def cmd_run(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
     from clipfleet.producer import follow, register
     from clipfleet.shared.runstate import RunState
     if args.detach and not args.broker:
@@ -126,44 +127,63 @@ def cmd_run(args) -> int:
     store = register.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
     stages = cfg.stages
-    from clipfleet.producer.preflight import preflight, preflight_heads
-    offline = args.offline or None
-    preflight_heads(cfg, stages, offline=offline)  # laion:KIND heads into the model cache
-    if "tag" in stages:  # a head that cannot tag this run's embeddings fails here, before run.json
-        from clipfleet.workers.tag.plan import prepare
-        prepare(cfg)
-    preflight(cfg, stages, offline=offline)  # every model in the model cache before any task
-    register.register(store, cfg)
-    first = register.first_tasks(store, cfg)
-    if not first:
-        print(f"clipfleet: the input is empty: {', '.join(cfg.inputs)} holds no rows", file=sys.stderr)
-        return 1
-    replayed = register.replay_deadletters(store, stages)
-    for stage, shard in replayed:
-        print(f"replaying dead-lettered {stage} shard {shard}")
-    run = RunState(store, cfg, first={shard_name(t.shard) for t in first})
-    states = run.all()
-    if all(s.n_done >= s.n_expected for s in states):  # a rerun of a finished run: no fleet needed
-        print(f"nothing to do: all {len(first)} {first[0].stage} tasks already done")
-        lines, problems = follow.produced(store, states)
-        print(follow.summary(states))
-        print("\n".join(lines))
-        return 1 if problems else 0
-    fleet = None
+    starting = None  # the embedded fleet, coming up while the run is checked and registered
+    if not args.broker:
+        logs = state_dir(store.uri) / "logs"
+        logs.mkdir(exist_ok=True)
+        log.info("starting an embedded fleet for %s (logs in %s)", ", ".join(stages), logs)
+        # The workers take ~1 s to come up: started now, that overlaps the preflight, run.json and
+        # the URL shards instead of following them. Not waited for: the first tasks wait in their queues.
+        starting = ThreadPoolExecutor(1, thread_name_prefix="fleet-start").submit(
+            start_fleet, [REGISTRY[s].queue for s in stages], store_key=store.uri, flower=False, log_dir=logs,
+            wait_for_workers=False)
+    settled = False
     try:
-        if args.broker:
-            broker = args.broker
-        else:
-            logs = state_dir(store.uri) / "logs"
-            logs.mkdir(exist_ok=True)
-            log.info("starting an embedded fleet for %s (logs in %s)", ", ".join(stages), logs)
-            fleet = start_fleet([REGISTRY[s].queue for s in stages], store_key=store.uri, flower=False,
-                                log_dir=logs)
-            broker = fleet.broker
-        return follow.run_with_fleet(run, first, broker, fleet=fleet, detach=args.detach, replayed=bool(replayed))
+        from clipfleet.producer.preflight import preflight, preflight_heads
+        offline = args.offline or None
+        preflight_heads(cfg, stages, offline=offline)  # laion:KIND heads into the model cache
+        if "tag" in stages:  # a head that cannot tag this run's embeddings fails here, before run.json
+            from clipfleet.workers.tag.plan import prepare
+            prepare(cfg)
+        preflight(cfg, stages, offline=offline)  # every model in the model cache before any task
+        register.register(store, cfg)
+        first = register.first_tasks(store, cfg)
+        if not first:
+            print(f"clipfleet: the input is empty: {', '.join(cfg.inputs)} holds no rows", file=sys.stderr)
+            return 1
+        replayed = register.replay_deadletters(store, stages)
+        for stage, shard in replayed:
+            print(f"replaying dead-lettered {stage} shard {shard}")
+        run = RunState(store, cfg, first={shard_name(t.shard) for t in first})
+        states = run.all()
+        if all(s.n_done >= s.n_expected for s in states):  # a rerun of a finished run: no work for the fleet
+            print(f"nothing to do: all {len(first)} {first[0].stage} tasks already done")
+            lines, problems = follow.produced(store, states)
+            print(follow.summary(states))
+            print("\n".join(lines))
+            settled = True
+            return 1 if problems else 0
+        fleet = starting.result() if starting is not None else None
+        broker = fleet.broker if fleet is not None else args.broker
+        code = follow.run_with_fleet(run, first, broker, fleet=fleet, detach=args.detach, replayed=bool(replayed))
+        settled = True  # followed to the end: every shard done or dead-lettered, nothing in flight
+        return code
     finally:
-        if fleet is not None:
-            fleet.stop()
+        _stop_started(starting, settled)
+
+
+def _stop_started(starting, settled: bool) -> None:
+    """Stop the embedded fleet, at once when the run is settled and its broker holds nothing."""
+    if starting is None:
+        return
+    try:
+        fleet = starting.result()
+    except Exception:
+        return  # it did not start; start_fleet stopped what it had started
+    if settled:
+        fleet.stop_idle()
+    else:
+        fleet.stop()
 
 
 def cmd_retry_failed(args) -> int:
