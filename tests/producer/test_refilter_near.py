@@ -1,6 +1,7 @@
-"""`clipfleet refilter --keep-near` (DataComp's image-based filter) on a finished sandbox run: with the
-caption "a circle" as target, embedded by the run's `shapes` model, the kept samples are mostly circles
-and the dropped ones almost never, by the sandbox's ground truth; combined with --keep-top-percent it
+"""`clipfleet refilter --keep-near` (DataComp's image-based filter) on a finished sandbox run: with
+captions of circles as targets ("a red circle", … one per colour, as ImageNet gives many images of a
+class), embedded by the run's `shapes` model, the kept samples hold circles at well over their share
+of the run and the dropped ones hardly any, by the sandbox's ground truth; combined with --keep-top-percent it
 keeps the intersection; twice in a row changes nothing; the card and filtered/filter.json say so."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
+from clipfleet.sandbox.images import COLORS
 from clipfleet.shared import layout
 from clipfleet.shared.runconfig import RunConfig
 from clipfleet.shared.storage import Store
@@ -40,26 +42,31 @@ def test_keep_near_circles_keeps_circles_and_drops_the_rest(run_copy, report_wor
     base = embedded["circle"] / len(truth)
     assert embedded["circle"] >= 10 and base < 0.25  # circles are a minority of the run
 
-    proc = refilter(store_dir, "--keep-near", "a circle")
+    circles = store_dir.parent / "circles.txt"
+    circles.write_text("".join(f"a {color} circle\n" for color in COLORS))
+    proc = refilter(store_dir, "--keep-near", str(circles))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     kept = published(store_dir)
     dropped = set(truth) - kept
     in_kept = sum(truth[k] == "circle" for k in kept) / len(kept)
     in_dropped = sum(truth[k] == "circle" for k in dropped) / len(dropped)
-    assert in_kept >= 0.6 and in_kept >= 4 * base, (in_kept, base)  # the kept are mostly circles
-    assert in_dropped <= base / 2, (in_dropped, base)  # the dropped almost never
+    # `shapes` clusters circles with same-coloured hearts and squares (README: the measured shares),
+    # so the kept are not all circles; nearly every circle is kept.
+    assert in_kept >= 2 * base, (in_kept, base)
+    assert in_dropped <= base / 3, (in_dropped, base)
     record = json.loads((store_dir / layout.FILTER_RECORD).read_text())
     near = record["keep_near"]
     assert record["keep_top_percent"] is None and record["published"] == len(kept) == near["near"]
     assert near["embedded"] == len(truth) and near["clusters"] == round(len(truth) ** 0.5)  # the default
-    assert near["target_vectors"] == 1 and near["clusters_kept"] == 1 and near["targets"] == ["'a circle'"]
+    assert near["target_vectors"] == len(COLORS) and 1 <= near["clusters_kept"] <= len(COLORS)
+    assert near["targets"] == [f"circles.txt ({len(COLORS)} captions)"]
     assert f"near the targets: {len(kept)} of {len(truth)} embedded samples" in proc.stdout
     card = (store_dir / layout.DATASET_CARD).read_text()
     assert "`clipfleet refilter --keep-near`" in card and f"{len(kept):,} of {len(truth):,} embedded" in card
     assert f"in `dataset/` now: {len(kept):,}." in card
 
     everything = files(store_dir)
-    again = refilter(store_dir, "--keep-near", "a circle")
+    again = refilter(store_dir, "--keep-near", str(circles))
     assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout + again.stderr
     assert files(store_dir) == everything  # deterministic clusters: not a byte, not a timestamp
 
@@ -80,7 +87,7 @@ def test_keep_near_circles_keeps_circles_and_drops_the_rest(run_copy, report_wor
     top = refilter(store_dir, "--keep-top-percent", "50")
     assert top.returncode == 0, top.stderr
     best = published(store_dir)
-    both = refilter(store_dir, "--keep-top-percent", "50", "--keep-near", "a circle")
+    both = refilter(store_dir, "--keep-top-percent", "50", "--keep-near", str(circles))
     assert both.returncode == 0, both.stderr
     assert published(store_dir) == best & kept and 0 < len(best & kept) < len(kept)
     record = json.loads((store_dir / layout.FILTER_RECORD).read_text())
