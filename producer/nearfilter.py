@@ -38,11 +38,13 @@ def read_targets(values: list[str], model: str, store_uri: str) -> tuple[list[st
     labels, vectors, captions = [], [], []
     for value in values:
         path = Path(value)
-        if value.endswith(".npy") and path.is_file():
+        if path.suffix in (".npy", ".txt") and not path.is_file():  # a typo must not become a caption
+            raise ValueError(f"--keep-near: no such file: {value}")
+        if path.suffix == ".npy":
             array = np.atleast_2d(np.load(path)).astype(np.float32)
             labels.append(f"{path.name} ({len(array)} vectors, sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})")
             vectors.append(array)
-        elif value.endswith(".txt") and path.is_file():
+        elif path.suffix == ".txt":
             lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
             labels.append(f"{path.name} ({len(lines)} captions)")
             captions += lines
@@ -67,6 +69,8 @@ def near(store: Store, sizes: dict[int, int], targets: np.ndarray, clusters: int
     (`sizes`: shard -> rows of its embeddings)."""
     import faiss
     n = sum(sizes.values())
+    if not n:
+        raise ValueError("--keep-near: the run embedded no sample; nothing to cluster")
     k = min(clusters or default_clusters(n), n)
     share = min(1.0, k * TRAIN_PER_CLUSTER / n)
     sample = []

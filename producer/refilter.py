@@ -152,8 +152,8 @@ def run_refilter(store_uri: str, percent: float | None, near_values: list[str] |
     store = Store(store_uri)
     if not store.exists(layout.RUN_FILE):
         raise RefilterError(f"{store_uri} holds no run (no run.json)")
-    if clusters is not None and clusters < 1:
-        raise RefilterError(f"--clusters must be at least 1, not {clusters}")
+    if clusters is not None and (clusters < 1 or not near_values):
+        raise RefilterError(f"--clusters goes with --keep-near and must be at least 1, not {clusters}")
     near_targets = None
     if near_values:
         from clipfleet.producer.nearfilter import read_targets

@@ -105,4 +105,8 @@ def test_refilter_needs_a_filter_and_targets_of_the_runs_dimension(run_copy, tmp
     np.save(wrong, np.ones((2, 7), np.float32))
     proc = refilter(run_copy, "--keep-near", str(wrong))
     assert proc.returncode != 0 and "7 dimensions" in proc.stderr, proc.stdout + proc.stderr
+    typo = refilter(run_copy, "--keep-near", str(tmp_path / "circels.npy"))
+    assert typo.returncode != 0 and "no such file" in typo.stderr, typo.stdout + typo.stderr
+    alone = refilter(run_copy, "--keep-top-percent", "30", "--clusters", "5")
+    assert alone.returncode != 0 and "--clusters goes with --keep-near" in alone.stderr, alone.stderr
     assert files(run_copy) == before
