@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--keep-near", action="append", metavar="TARGETS",
                     help="DataComp's image-based filter: cluster the run's image embeddings and keep the clusters "
                          "nearest to a target; TARGETS is a .npy of vectors in the run's embedding space, a .txt "
-                         "of captions (one a line) or a caption, captions embedded by the run's model; repeatable; "
+                         "of captions (one a line), an image or a folder of images, or a caption, embedded by the "
+                         "run's model; repeatable; "
                          "with --keep-top-percent, both must keep a sample")
     rf.add_argument("--clusters", type=int, metavar="K",
                     help="k-means clusters for --keep-near (default: the square root of the embedded samples)")

@@ -32,15 +32,24 @@ def default_clusters(n: int) -> int:
     return max(1, round(math.sqrt(n)))
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
 def read_targets(values: list[str], model: str, store_uri: str) -> tuple[list[str], np.ndarray]:
     """(labels, L2-normalised float32 vectors) from --keep-near values: a .npy file (rows are
-    vectors), a .txt file (one caption a line) or a caption."""
-    labels, vectors, captions = [], [], []
+    vectors), a .txt file (one caption a line), an image or a folder of images, or a caption."""
+    labels, vectors, captions, pictures = [], [], [], []
     for value in values:
         path = Path(value)
-        if path.suffix in (".npy", ".txt") and not path.is_file():  # a typo must not become a caption
+        if path.suffix in (".npy", ".txt", *IMAGE_SUFFIXES) and not path.is_file():  # a typo is not a caption
             raise ValueError(f"--keep-near: no such file: {value}")
-        if path.suffix == ".npy":
+        if path.is_dir() or path.suffix in IMAGE_SUFFIXES:
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+            if not found:
+                raise ValueError(f"--keep-near: no image ({', '.join(IMAGE_SUFFIXES)}) in {value}")
+            labels.append(f"{path.name} ({len(found)} images)")
+            pictures += found
+        elif path.suffix == ".npy":
             array = np.atleast_2d(np.load(path)).astype(np.float32)
             labels.append(f"{path.name} ({len(array)} vectors, sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})")
             vectors.append(array)
@@ -51,13 +60,24 @@ def read_targets(values: list[str], model: str, store_uri: str) -> tuple[list[st
         else:
             labels.append(repr(value))
             captions.append(value)
-    if captions:  # the run's model, so captions land in the space its images were embedded in
-        from clipfleet.shared.models.cache import copy_to_machine
-        from clipfleet.shared.models.runtime import encoder
-        copy_to_machine([model], store_uri)
-        vectors.append(encoder(model, "cpu", "fp32", 1).texts(captions).numpy())  # fp32: the same every time
+    if captions or pictures:  # the run's model: targets land in the space its images were embedded in
+        vectors += _embedded(model, store_uri, captions, pictures)
     out = np.concatenate(vectors)
     return labels, out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def _embedded(model: str, store_uri: str, captions: list[str], pictures: list[Path]) -> list[np.ndarray]:
+    import torch
+    from PIL import Image
+    from clipfleet.shared.models.cache import copy_to_machine
+    from clipfleet.shared.models.runtime import encoder
+    copy_to_machine([model], store_uri)
+    enc = encoder(model, "cpu", "fp32", 1)  # fp32 on CPU: the same vectors every time
+    out = [enc.texts(captions).numpy()] if captions else []
+    if pictures:  # the model's own preprocessing, as the embed stage applies it
+        pixels = torch.stack([enc.preprocess(Image.open(p).convert("RGB")) for p in pictures])
+        out.append(enc.images(pixels).numpy())
+    return out
 
 
 def _embeddings(store: Store, shard: int) -> np.ndarray:

@@ -96,6 +96,28 @@ def test_keep_near_circles_keeps_circles_and_drops_the_rest(run_copy, report_wor
     assert "--keep-top-percent 50.0" in card and "and `clipfleet refilter --keep-near`" in card
 
 
+def test_keep_near_a_folder_of_circle_pictures(run_copy, report_world, tmp_path):
+    """Images as targets, as DataComp's ImageNet images: circles drawn apart from the run's world."""
+    import numpy as np
+    from clipfleet.sandbox.images import BACKGROUNDS, render
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "circles"
+    folder.mkdir()
+    for i in range(12):
+        render(str(rng.choice(list(COLORS))), "circle", str(rng.choice(BACKGROUNDS)), 96, 96, rng).save(
+            folder / f"{i:02d}.png")
+    truth = shapes(report_world, run_copy)
+    base = sum(s == "circle" for s in truth.values()) / len(truth)
+    proc = refilter(run_copy, "--keep-near", str(folder))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kept = published(run_copy)
+    dropped = set(truth) - kept
+    assert sum(truth[k] == "circle" for k in kept) / len(kept) > 1.5 * base
+    assert sum(truth[k] == "circle" for k in dropped) / len(dropped) < base / 2
+    near = json.loads((run_copy / layout.FILTER_RECORD).read_text())["keep_near"]
+    assert near["targets"] == ["circles (12 images)"] and near["target_vectors"] == 12
+
+
 def test_refilter_needs_a_filter_and_targets_of_the_runs_dimension(run_copy, tmp_path):
     import numpy as np
     before = files(run_copy)
