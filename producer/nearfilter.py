@@ -3,7 +3,7 @@
 The run's image embeddings are clustered with k-means (faiss, fixed seed); every target vector
 votes for the cluster whose centroid is nearest to it; samples in a voted cluster are kept. DataComp
 clustered its pool into 100k clusters and voted with ImageNet's training images. Targets are a .npy
-of vectors in the run's embedding space, or captions embedded by the run's own model (text tower).
+of vectors in the run's embedding space, or captions and images embedded by the run's own model.
 
 Default cluster count: round(sqrt(n)) for n embedded samples. Clusters then grow as fast as their
 number (both sqrt(n)), so a vote keeps about 1/sqrt(n) of the run whatever its size, and at
@@ -24,7 +24,7 @@ from clipfleet.shared import layout
 from clipfleet.shared.storage import Store
 
 SEED = 1234  # fixed: the same run and targets always give the same clusters
-NITER = 20  # faiss's default; DataComp's baseline used it too
+NITER = 20  # faiss's default
 TRAIN_PER_CLUSTER = 256  # faiss.Kmeans' max_points_per_centroid
 
 
