@@ -261,7 +261,7 @@ def cmd_card(args) -> int:
 
 def cmd_refilter(args) -> int:
     from clipfleet.producer.refilter import run_refilter
-    return run_refilter(args.store, args.keep_top_percent)
+    return run_refilter(args.store, args.keep_top_percent, args.keep_near, args.clusters)
 
 
 def cmd_plan(args) -> int:
@@ -390,10 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     cd.set_defaults(func=cmd_card)
 
     rf = sub.add_parser("refilter", help="re-apply a filter to a finished run without recomputing: keep the top "
-                                         "P%% by CLIP similarity per language bucket (DataComp's), exactly once")
+                                         "P%% by CLIP similarity per language bucket, and/or the samples whose image "
+                                         "cluster is nearest to target embeddings (DataComp's filters), exactly once")
     rf.add_argument("--store", required=True, help="the run's store (a directory or s3://bucket/prefix)")
-    rf.add_argument("--keep-top-percent", type=float, required=True, metavar="P",
+    rf.add_argument("--keep-top-percent", type=float, metavar="P",
                     help="the share of each bucket's judged samples to publish, best first, across the whole run")
+    rf.add_argument("--keep-near", action="append", metavar="TARGETS",
+                    help="DataComp's image-based filter: cluster the run's image embeddings and keep the clusters "
+                         "nearest to a target; TARGETS is a .npy of vectors in the run's embedding space, a .txt "
+                         "of captions (one a line), an image or a folder of images, or a caption, embedded by the "
+                         "run's model; repeatable; "
+                         "with --keep-top-percent, both must keep a sample")
+    rf.add_argument("--clusters", type=int, metavar="K",
+                    help="k-means clusters for --keep-near (default: the square root of the embedded samples)")
     rf.set_defaults(func=cmd_refilter)
 
     pl = sub.add_parser("plan", help="workers, GPUs, storage, Redis memory and bandwidth for N samples in D days")

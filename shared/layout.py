@@ -112,6 +112,7 @@ TAKEDOWN_BLOCKLIST = f"{TAKEDOWNS}/blocklist.txt"  # download's --blocklist form
 # (embedded, not published), and the filter in force, written last.
 FILTERED_IDS = "filtered/ids.npy"
 FILTER_RECORD = "filtered/filter.json"
+FILTER_TARGETS = "filtered/targets.npy"  # the target vectors `refilter --keep-near` voted with
 
 
 def takedown_record(stamp: str) -> str:
