@@ -11,6 +11,7 @@ import threading
 from clipfleet.producer.argparsing import Parser, parse_args
 from clipfleet.producer.fleet import FleetError, check_broker, parse_queues, start_fleet, state_dir
 from clipfleet.producer.register import RunError
+from clipfleet.shared import layout
 from clipfleet.shared.options import add_flags, from_args
 from clipfleet.shared.runconfig import RunConfig, sections, titles
 from clipfleet.shared.stages import REGISTRY
@@ -127,16 +128,21 @@ def cmd_run(args) -> int:
     store = register.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
     stages = cfg.stages
-    starting = None  # the embedded fleet, coming up while the run is checked and registered
-    if not args.broker:
+    starting = None  # the embedded fleet, once started
+
+    def start():
         logs = state_dir(store.uri) / "logs"
         logs.mkdir(exist_ok=True)
         log.info("starting an embedded fleet for %s (logs in %s)", ", ".join(stages), logs)
-        # The workers take ~1 s to come up: started now, that overlaps the preflight, run.json and
-        # the URL shards instead of following them. Not waited for: the first tasks wait in their queues.
-        starting = ThreadPoolExecutor(1, thread_name_prefix="fleet-start").submit(
+        # Not waited for: the first tasks wait in their queues while the workers come up (~1 s).
+        return ThreadPoolExecutor(1, thread_name_prefix="fleet-start").submit(
             start_fleet, [REGISTRY[s].queue for s in stages], store_key=store.uri, flower=False, log_dir=logs,
             wait_for_workers=False)
+
+    if not args.broker and not store.exists(layout.RUN_FILE):
+        # A new run always has work: its fleet comes up while the preflight, run.json and the URL
+        # shards are written instead of after them. A rerun may have none, so it starts after the check.
+        starting = start()
     settled = False
     try:
         from clipfleet.producer.preflight import preflight, preflight_heads
@@ -163,6 +169,8 @@ def cmd_run(args) -> int:
             print("\n".join(lines))
             settled = True
             return 1 if problems else 0
+        if not args.broker and starting is None:
+            starting = start()
         fleet = starting.result() if starting is not None else None
         broker = fleet.broker if fleet is not None else args.broker
         code = follow.run_with_fleet(run, first, broker, fleet=fleet, detach=args.detach, replayed=bool(replayed))
