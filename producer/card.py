@@ -262,15 +262,23 @@ def thresholds(cfg, by_stage: dict) -> list[str]:
 
 
 def percentile(store: Store) -> list[str]:
-    """The percentile filter `clipfleet refilter` applied, per bucket, when one was."""
+    """The filters `clipfleet refilter` applied (percentile per bucket, image-based), when it ran."""
     if not store.exists(layout.FILTER_RECORD):
         return []
-    record = store.read_json(layout.FILTER_RECORD)
-    lines = [f"- then `clipfleet refilter --keep-top-percent {record['keep_top_percent']}` (DataComp's filter): "
-             "the top share by CLIP similarity, per bucket, across the whole run"]
-    for name, b in record["buckets"].items():
-        cutoff = "" if b["min_similarity"] is None else f" (similarity ≥ {b['min_similarity']:.4f})"
-        lines.append(f"  - {name}: {b['kept']:,} of {b['judged']:,} judged samples kept{cutoff}")
+    record, lines = store.read_json(layout.FILTER_RECORD), []
+    if record["keep_top_percent"] is not None:
+        lines.append(f"- then `clipfleet refilter --keep-top-percent {record['keep_top_percent']}` (DataComp's "
+                     "filter): the top share by CLIP similarity, per bucket, across the whole run")
+        for name, b in record["buckets"].items():
+            cutoff = "" if b["min_similarity"] is None else f" (similarity ≥ {b['min_similarity']:.4f})"
+            lines.append(f"  - {name}: {b['kept']:,} of {b['judged']:,} judged samples kept{cutoff}")
+    near = record.get("keep_near")
+    if near:
+        lines += [f"- {'and ' if lines else 'then '}`clipfleet refilter --keep-near` (DataComp's image-based "
+                  f"filter): the image embeddings in {near['clusters']:,} k-means clusters (seed {near['seed']}); "
+                  f"the {near['clusters_kept']:,} clusters nearest to some of {near['target_vectors']:,} target "
+                  f"vectors kept: {near['near']:,} of {near['embedded']:,} embedded samples",
+                  f"  - targets: {', '.join(near['targets'])}"]
     return lines
 
 

@@ -11,6 +11,7 @@ import threading
 from clipfleet.producer.argparsing import Parser, parse_args
 from clipfleet.producer.fleet import FleetError, check_broker, parse_queues, start_fleet, state_dir
 from clipfleet.producer.register import RunError
+from clipfleet.shared import layout
 from clipfleet.shared.options import add_flags, from_args
 from clipfleet.shared.runconfig import RunConfig, sections, titles
 from clipfleet.shared.stages import REGISTRY
@@ -117,6 +118,7 @@ def checked_blocklist(blocklist: str) -> str:
 
 
 def cmd_run(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
     from clipfleet.producer import follow, register
     from clipfleet.shared.runstate import RunState
     if args.detach and not args.broker:
@@ -126,44 +128,70 @@ def cmd_run(args) -> int:
     store = register.check_store(args.store)
     cfg = run_config_from_args(args, store.uri)
     stages = cfg.stages
-    from clipfleet.producer.preflight import preflight, preflight_heads
-    offline = args.offline or None
-    preflight_heads(cfg, stages, offline=offline)  # laion:KIND heads into the model cache
-    if "tag" in stages:  # a head that cannot tag this run's embeddings fails here, before run.json
-        from clipfleet.workers.tag.plan import prepare
-        prepare(cfg)
-    preflight(cfg, stages, offline=offline)  # every model in the model cache before any task
-    register.register(store, cfg)
-    first = register.first_tasks(store, cfg)
-    if not first:
-        print(f"clipfleet: the input is empty: {', '.join(cfg.inputs)} holds no rows", file=sys.stderr)
-        return 1
-    replayed = register.replay_deadletters(store, stages)
-    for stage, shard in replayed:
-        print(f"replaying dead-lettered {stage} shard {shard}")
-    run = RunState(store, cfg, first={shard_name(t.shard) for t in first})
-    states = run.all()
-    if all(s.n_done >= s.n_expected for s in states):  # a rerun of a finished run: no fleet needed
-        print(f"nothing to do: all {len(first)} {first[0].stage} tasks already done")
-        lines, problems = follow.produced(store, states)
-        print(follow.summary(states))
-        print("\n".join(lines))
-        return 1 if problems else 0
-    fleet = None
+    starting = None  # the embedded fleet, once started
+
+    def start():
+        logs = state_dir(store.uri) / "logs"
+        logs.mkdir(exist_ok=True)
+        log.info("starting an embedded fleet for %s (logs in %s)", ", ".join(stages), logs)
+        # Not waited for: the first tasks wait in their queues while the workers come up (~1 s).
+        return ThreadPoolExecutor(1, thread_name_prefix="fleet-start").submit(
+            start_fleet, [REGISTRY[s].queue for s in stages], store_key=store.uri, flower=False, log_dir=logs,
+            wait_for_workers=False)
+
+    if not args.broker and not store.exists(layout.RUN_FILE):
+        # A new run always has work: its fleet comes up while the preflight, run.json and the URL
+        # shards are written instead of after them. A rerun may have none, so it starts after the check.
+        starting = start()
+    settled = False
     try:
-        if args.broker:
-            broker = args.broker
-        else:
-            logs = state_dir(store.uri) / "logs"
-            logs.mkdir(exist_ok=True)
-            log.info("starting an embedded fleet for %s (logs in %s)", ", ".join(stages), logs)
-            fleet = start_fleet([REGISTRY[s].queue for s in stages], store_key=store.uri, flower=False,
-                                log_dir=logs)
-            broker = fleet.broker
-        return follow.run_with_fleet(run, first, broker, fleet=fleet, detach=args.detach, replayed=bool(replayed))
+        from clipfleet.producer.preflight import preflight, preflight_heads
+        offline = args.offline or None
+        preflight_heads(cfg, stages, offline=offline)  # laion:KIND heads into the model cache
+        if "tag" in stages:  # a head that cannot tag this run's embeddings fails here, before run.json
+            from clipfleet.workers.tag.plan import prepare
+            prepare(cfg)
+        preflight(cfg, stages, offline=offline)  # every model in the model cache before any task
+        register.register(store, cfg)
+        first = register.first_tasks(store, cfg)
+        if not first:
+            print(f"clipfleet: the input is empty: {', '.join(cfg.inputs)} holds no rows", file=sys.stderr)
+            return 1
+        replayed = register.replay_deadletters(store, stages)
+        for stage, shard in replayed:
+            print(f"replaying dead-lettered {stage} shard {shard}")
+        run = RunState(store, cfg, first={shard_name(t.shard) for t in first})
+        states = run.all()
+        if all(s.n_done >= s.n_expected for s in states):  # a rerun of a finished run: no work for the fleet
+            print(f"nothing to do: all {len(first)} {first[0].stage} tasks already done")
+            lines, problems = follow.produced(store, states)
+            print(follow.summary(states))
+            print("\n".join(lines))
+            settled = True
+            return 1 if problems else 0
+        if not args.broker and starting is None:
+            starting = start()
+        fleet = starting.result() if starting is not None else None
+        broker = fleet.broker if fleet is not None else args.broker
+        code = follow.run_with_fleet(run, first, broker, fleet=fleet, detach=args.detach, replayed=bool(replayed))
+        settled = True  # followed to the end: every shard done or dead-lettered, nothing in flight
+        return code
     finally:
-        if fleet is not None:
-            fleet.stop()
+        _stop_started(starting, settled)
+
+
+def _stop_started(starting, settled: bool) -> None:
+    """Stop the embedded fleet, at once when the run is settled and its broker holds nothing."""
+    if starting is None:
+        return
+    try:
+        fleet = starting.result()
+    except Exception:
+        return  # it did not start; start_fleet stopped what it had started
+    if settled:
+        fleet.stop_idle()
+    else:
+        fleet.stop()
 
 
 def cmd_retry_failed(args) -> int:
@@ -241,7 +269,7 @@ def cmd_card(args) -> int:
 
 def cmd_refilter(args) -> int:
     from clipfleet.producer.refilter import run_refilter
-    return run_refilter(args.store, args.keep_top_percent)
+    return run_refilter(args.store, args.keep_top_percent, args.keep_near, args.clusters)
 
 
 def cmd_plan(args) -> int:
@@ -370,10 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
     cd.set_defaults(func=cmd_card)
 
     rf = sub.add_parser("refilter", help="re-apply a filter to a finished run without recomputing: keep the top "
-                                         "P%% by CLIP similarity per language bucket (DataComp's), exactly once")
+                                         "P%% by CLIP similarity per language bucket, and/or the samples whose image "
+                                         "cluster is nearest to target embeddings (DataComp's filters), exactly once")
     rf.add_argument("--store", required=True, help="the run's store (a directory or s3://bucket/prefix)")
-    rf.add_argument("--keep-top-percent", type=float, required=True, metavar="P",
+    rf.add_argument("--keep-top-percent", type=float, metavar="P",
                     help="the share of each bucket's judged samples to publish, best first, across the whole run")
+    rf.add_argument("--keep-near", action="append", metavar="TARGETS",
+                    help="DataComp's image-based filter: cluster the run's image embeddings and keep the clusters "
+                         "nearest to a target; TARGETS is a .npy of vectors in the run's embedding space, a .txt "
+                         "of captions (one a line), an image or a folder of images, or a caption, embedded by the "
+                         "run's model; repeatable; "
+                         "with --keep-top-percent, both must keep a sample")
+    rf.add_argument("--clusters", type=int, metavar="K",
+                    help="k-means clusters for --keep-near (default: the square root of the embedded samples)")
     rf.set_defaults(func=cmd_refilter)
 
     pl = sub.add_parser("plan", help="workers, GPUs, storage, Redis memory and bandwidth for N samples in D days")

@@ -72,40 +72,55 @@ def plan(store: Store, percent: float) -> tuple[set[tuple[int, str]], dict]:
     return keep, buckets
 
 
-def refilter(store: Store, percent: float) -> dict:
-    """Publish the top `percent`% per bucket; returns {buckets, published, shards_rewritten, changed}."""
-    if not 0 < percent <= 100:
+def refilter(store: Store, percent: float | None = None, near_targets: dict | None = None) -> dict:
+    """Publish the top `percent`% per bucket, intersected with the samples near `near_targets`
+    ({targets: labels, vectors, clusters}: producer/nearfilter.py) when given; returns
+    {keep_top_percent, buckets, keep_near?, published, filtered, shards_rewritten, changed}."""
+    if percent is None and near_targets is None:
+        raise RefilterError("give --keep-top-percent, --keep-near or both")
+    if percent is not None and not 0 < percent <= 100:
         raise RefilterError(f"--keep-top-percent must be in (0, 100], not {percent}")
     from clipfleet.shared.runstate import RunState
     tag = RunState(store).stage("tag")
     if not (tag.n_expected and tag.complete):  # a share of part of the run is not the run's share
         raise RefilterError(f"{store.uri}: the run has not published every shard yet ({tag.n_done} of "
                             f"{tag.n_expected} tagged); refilter it once it has")
-    keep, buckets = plan(store, percent)
-    removed = set(taken_down(store).tolist())
-    wanted, left_out, embedded = {}, [], set()
-    for name in sorted(store.done("tag")):
-        shard = int(name)
-        keys = _table(store, layout.embedding_metadata(shard), ["key"]).column("key").to_pylist()
-        embedded.update((shard, k) for k in keys)
-        ids = [layout.global_id(shard, row) for row in range(len(keys))]
-        wanted[shard] = [row for row, k in enumerate(keys) if (shard, k) in keep and ids[row] not in removed]
-        left_out += [i for row, i in enumerate(ids) if (shard, keys[row]) not in keep]
+    keys = {int(name): _table(store, layout.embedding_metadata(int(name)), ["key"]).column("key").to_pylist()
+            for name in sorted(store.done("tag"))}
+    embedded = {(shard, k) for shard, ks in keys.items() for k in ks}
+    keep, buckets = plan(store, percent) if percent is not None else (embedded, None)
     missing = keep - embedded
     if missing:
         raise RefilterError(f"the top {percent}% holds {len(missing)} samples the run never embedded (below its "
                             "--min-similarity thresholds, or in shards not tagged yet): lower the percentage, or "
                             "run with lower thresholds")
+    record = {"keep_top_percent": percent, "buckets": buckets}
+    if near_targets is not None:  # DataComp-1B: the intersection of both filters
+        from clipfleet.producer.nearfilter import near
+        rows, summary = near(store, {s: len(ks) for s, ks in keys.items()}, near_targets["vectors"],
+                             near_targets["clusters"])
+        keep = keep & {(shard, keys[shard][row]) for shard, row in rows}
+        record["keep_near"] = {"targets": near_targets["targets"], "target_vectors": len(near_targets["vectors"]),
+                               **summary}
+    removed = set(taken_down(store).tolist())
+    wanted, left_out = {}, []
+    for shard, ks in keys.items():
+        ids = [layout.global_id(shard, row) for row in range(len(ks))]
+        wanted[shard] = [row for row, k in enumerate(ks) if (shard, k) in keep and ids[row] not in removed]
+        left_out += [i for row, i in enumerate(ids) if (shard, ks[row]) not in keep]
     rewritten = sum(_publish(store, shard, rows) for shard, rows in wanted.items())
     if rewritten:
         from clipfleet.workers.index.dedup import remark
         remark(store)  # a rewritten shard keeps its near-duplicate marks (dedup/groups.parquet)
     ids = np.array(sorted(left_out), np.int64)
-    record = {"keep_top_percent": percent, "buckets": buckets, "published": sum(map(len, wanted.values())),
-              "filtered": len(ids)}
+    record.update(published=sum(map(len, wanted.values())), filtered=len(ids))
     changed = bool(rewritten) or _differs(store, layout.FILTER_RECORD, record)
     if changed:
         write_ids(store, ids, layout.FILTERED_IDS)
+        if near_targets is not None:  # so the filter can be re-applied without the file or the model
+            buf = io.BytesIO()
+            np.save(buf, near_targets["vectors"].astype(np.float32))
+            store.write_bytes(layout.FILTER_TARGETS, buf.getvalue())
         store.write_json(layout.FILTER_RECORD, record)  # last: the filter in force
     return {**record, "shards_rewritten": rewritten, "changed": changed}
 
@@ -135,16 +150,29 @@ def _publish(store: Store, shard: int, rows) -> bool:
     return True
 
 
-def run_refilter(store_uri: str, percent: float) -> int:
+def run_refilter(store_uri: str, percent: float | None, near_values: list[str] | None = None,
+                 clusters: int | None = None) -> int:
     store = Store(store_uri)
     if not store.exists(layout.RUN_FILE):
         raise RefilterError(f"{store_uri} holds no run (no run.json)")
-    done = refilter(store, percent)
-    for name, b in done["buckets"].items():
+    if clusters is not None and (clusters < 1 or not near_values):
+        raise RefilterError(f"--clusters goes with --keep-near and must be at least 1, not {clusters}")
+    near_targets = None
+    if near_values:
+        from clipfleet.producer.nearfilter import read_targets
+        from clipfleet.shared.runconfig import RunConfig
+        labels, vectors = read_targets(near_values, RunConfig.load(store).embed.embed_model, store.uri)
+        near_targets = {"targets": labels, "vectors": vectors, "clusters": clusters}
+    done = refilter(store, percent, near_targets)
+    for name, b in (done["buckets"] or {}).items():
         cutoff = "" if b["min_similarity"] is None else f", similarity >= {b['min_similarity']:.4f}"
         print(f"{name}: kept {b['kept']} of {b['judged']} judged samples{cutoff}")
+    if "keep_near" in done:
+        n = done["keep_near"]
+        print(f"near the targets: {n['near']} of {n['embedded']} embedded samples, in {n['clusters_kept']} of "
+              f"{n['clusters']} clusters voted for by {n['target_vectors']} target vectors")
     if not done["changed"]:
-        print(f"nothing changed: dataset/ already holds the top {percent}% ({done['published']} samples)")
+        print(f"nothing changed: dataset/ already holds what this filter keeps ({done['published']} samples)")
         return 0
     print(f"published {done['published']} samples; {done['shards_rewritten']} shards rewritten")
     from clipfleet.producer.card import write_card
@@ -154,9 +182,16 @@ def run_refilter(store_uri: str, percent: float) -> int:
     return 0
 
 
-def in_force(store: Store, cfg) -> float | None:
-    """The percentile a settled run publishes: the last refilter's, else the run's --keep-top-percent
-    (so shards a retry adds later are filtered as the rest)."""
+def in_force(store: Store, cfg) -> dict | None:
+    """refilter's arguments for the filter a settled run publishes: the last refilter's (its target
+    vectors as stored), else the run's --keep-top-percent (so shards a retry adds later are filtered
+    as the rest)."""
     if store.exists(layout.FILTER_RECORD):
-        return store.read_json(layout.FILTER_RECORD)["keep_top_percent"]
-    return cfg.clip.keep_top_percent if "tag" in cfg.stages else None
+        record = store.read_json(layout.FILTER_RECORD)
+        near = record.get("keep_near")
+        if near:
+            vectors = np.load(io.BytesIO(store.read_bytes(layout.FILTER_TARGETS)))
+            near = {"targets": near["targets"], "vectors": vectors, "clusters": near["clusters"]}
+        return {"percent": record["keep_top_percent"], "near_targets": near}
+    percent = cfg.clip.keep_top_percent if "tag" in cfg.stages else None
+    return {"percent": percent, "near_targets": None} if percent else None

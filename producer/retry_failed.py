@@ -99,18 +99,20 @@ def run_retry_failed(store_uri: str, broker: str | None = None) -> int:
     reader = REGISTRY.first("urls")
     first = [FirstTask(reader, p.retry, {}) for p in planned]
     stages = cfg.stages[cfg.stages.index(reader):]
-    fleet = None
+    fleet, settled = None, False
     try:
         if broker is None:
             logs = state_dir(store.uri) / "logs"
             logs.mkdir(exist_ok=True)
+            # Not waited for, as in `run`: the tasks wait in their queues while the workers come up.
             fleet = start_fleet([REGISTRY[s].queue for s in stages], store_key=store.uri, flower=False,
-                                log_dir=logs)
+                                log_dir=logs, wait_for_workers=False)
             broker = fleet.broker
         code = run_with_fleet(RunState(store, cfg), first, broker, fleet=fleet)
+        settled = True
     finally:
         if fleet is not None:
-            fleet.stop()
+            fleet.stop_idle() if settled else fleet.stop()
     counted = retried_counts(store)
     print(f"retried {counted['retried']} URLs in all, {counted['recovered']} of them now stored")
     return code

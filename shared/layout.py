@@ -114,6 +114,7 @@ TAKEDOWN_BLOCKLIST = f"{TAKEDOWNS}/blocklist.txt"  # download's --blocklist form
 # (embedded, not published), and the filter in force, written last.
 FILTERED_IDS = "filtered/ids.npy"
 FILTER_RECORD = "filtered/filter.json"
+FILTER_TARGETS = "filtered/targets.npy"  # the target vectors `refilter --keep-near` voted with
 
 
 # index-dedup (workers/index/dedup.py): the run's near-duplicate groups, and their record (written last)

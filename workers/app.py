@@ -23,22 +23,12 @@ from clipfleet.shared.pipeline import TransientError
 from clipfleet.shared.runindex import RunIndex
 from clipfleet.shared.stages import REGISTRY
 from clipfleet.shared.storage import Store, unreachable_errors
+from clipfleet.workers.limits import time_limits
 
 log = logging.getLogger("clipfleet.workers")
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 SELFCHECK_MODULE = "clipfleet.workers.selfcheck"  # a no-op hop per queue, every worker serves it
-
-
-def time_limits() -> tuple[int, int, int]:
-    """(soft, hard, visibility) seconds; a misordered triple is refused."""
-    soft = int(os.environ.get("CLIPFLEET_SOFT_TIME_LIMIT", 3000))
-    hard = int(os.environ.get("CLIPFLEET_HARD_TIME_LIMIT", 3300))
-    visibility = int(os.environ.get("CLIPFLEET_VISIBILITY_TIMEOUT", 3600))
-    if not soft < hard < visibility:
-        raise ValueError(
-            f"time limits must satisfy soft < hard < visibility timeout, got {soft} / {hard} / {visibility}")
-    return soft, hard, visibility
 
 
 def soft_shutdown_s() -> float:

@@ -124,3 +124,66 @@ def test_sigkilled_pool_process_task_is_requeued_at_once(tmp_path, isolated_stat
         assert f"2-{marker['pid']}.json" != attempt
     finally:
         fleet.stop(grace=5)
+
+
+def test_broker_idle_only_when_no_message_waits_or_is_unacked(redis_url):
+    import redis
+    from clipfleet.producer.fleet import broker_idle
+    client = redis.Redis.from_url(redis_url)
+    assert broker_idle(redis_url, settle_s=0)
+    client.lpush("cpu-download", b"{}")
+    assert not broker_idle(redis_url, settle_s=0)
+    client.delete("cpu-download")
+    client.lpush("gpu-clip\x06\x163", b"{}")  # a priority queue of kombu's
+    assert not broker_idle(redis_url, settle_s=0)
+    client.delete("gpu-clip\x06\x163")
+    client.hset("unacked", "tag", b"[]")  # delivered to a worker, not acked yet
+    assert not broker_idle(redis_url, settle_s=0)
+    client.hdel("unacked", "tag")
+    assert broker_idle(redis_url, settle_s=0)
+
+
+def _restarted(key: str):
+    """A fresh embedded Redis on `key`'s state dir: what the stopped one left there."""
+    import redis
+    fleet = Fleet()
+    fleet.start_redis(state_dir(key))
+    return fleet, redis.Redis.from_url(fleet.broker)
+
+
+def test_stop_idle_kills_an_idle_fleet_and_redis_keeps_its_data(isolated_state):
+    import redis
+    fleet = Fleet()
+    try:
+        fleet.start_redis(state_dir("idle-stop"))
+        workers = [fleet.start_worker(["cpu-extract"], concurrency=1)]
+        fleet.wait_for_workers(1)
+        redis.Redis.from_url(fleet.broker).set("claim", b"kept")
+        assert fleet.stop_idle()
+        assert all(p.poll() is not None for p in workers) and not fleet.procs
+    finally:
+        fleet.stop(grace=5)
+    again, client = _restarted("idle-stop")
+    try:
+        assert client.get("claim") == b"kept"  # Redis was stopped cleanly: its append-only file is whole
+    finally:
+        again.stop(grace=5)
+
+
+def test_stop_idle_leaves_a_fleet_with_work_to_the_graceful_stop(isolated_state):
+    import redis
+    fleet = Fleet()
+    try:
+        fleet.start_redis(state_dir("busy-stop"))
+        fleet.start_worker(["cpu-extract"], concurrency=1)
+        fleet.wait_for_workers(1)
+        redis.Redis.from_url(fleet.broker).lpush("gpu-clip", b"a task nobody here serves")
+        assert not fleet.stop_idle(settle_s=0.1)
+        assert not fleet.procs
+    finally:
+        fleet.stop(grace=5)
+    again, client = _restarted("busy-stop")
+    try:
+        assert client.lrange("gpu-clip", 0, -1) == [b"a task nobody here serves"]
+    finally:
+        again.stop(grace=5)

@@ -67,3 +67,38 @@ def test_redis_outage_fails_the_shard_and_frees_its_threads(tmp_path):
         time.sleep(0.01)
     assert pool.busy == 0  # no thread left fetching or waiting for room
     assert len(fetcher.fetched) < len(urls)  # the rest of the shard was not fetched
+
+
+class ImageFetcher:
+    """Serves a distinct small JPEG for every URL (its number drawn in), a few not images at all."""
+    limiter = None
+
+    def fetch(self, url: str) -> bytes:
+        import cv2
+        import numpy as np
+        n = int(url.rsplit("/", 1)[1].split(".")[0])
+        if n % 17 == 0:
+            return b"<html>not an image</html>"
+        img = np.full((40 + n % 50, 300, 3), n % 256, np.uint8)
+        cv2.putText(img, str(n), (5, 30), cv2.FONT_HERSHEY_SIMPLEX, 1, (255, 255, 255), 2)
+        return cv2.imencode(".jpg", img)[1].tobytes()
+
+
+def test_resizing_threads_write_the_same_shard_as_one_thread(tmp_path, monkeypatch):
+    urls = [f"http://example.com/{i}.jpg" for i in range(200)]
+    written = {}
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("CLIPFLEET_RESIZE_THREADS", threads)
+        out = tmp_path / threads
+        out.mkdir()
+        stats = Stats()
+        download_shard(pa.table({"url": urls}), 4, out, ImageFetcher(), DownloadOptions(),
+                       Blocklist.load(None), FetchPool(5), 200, stats)
+        assert stats.get("success") == 200 - len(range(0, 200, 17))
+        assert stats.get("failed_to_resize") == len(range(0, 200, 17))
+        written[threads] = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith("_stats.json")}
+    assert written["2"] == written["1"] and written["3"] == written["1"]  # same members, bytes and rows
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("resize-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("resize-")]  # they end with the shard
