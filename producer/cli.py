@@ -258,7 +258,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from clipfleet.producer.card import write_card
+    from clipfleet.workers.publish.card import write_card
     card = write_card(args.store)
     if not card:
         print(f"clipfleet: {args.store} has published nothing yet (no tag shard done): no card", file=sys.stderr)
@@ -268,7 +268,7 @@ def cmd_card(args) -> int:
 
 
 def cmd_refilter(args) -> int:
-    from clipfleet.producer.refilter import run_refilter
+    from clipfleet.workers.publish.refilter import run_refilter
     return run_refilter(args.store, args.keep_top_percent, args.keep_near, args.clusters)
 
 

@@ -222,15 +222,7 @@ def run_with_fleet(run: RunState, first: list[FirstTask], broker: str, fleet=Non
     resumed = sum(sweeper.resumed.values())
     if resumed:
         print(f"resumed {resumed} shards that a stage before had handed on")
-    from clipfleet.producer.card import write_card
-    from clipfleet.producer.refilter import in_force, refilter
-    settings = in_force(store, run.cfg)
-    tagged = next((s.n_done for s in states if s.stage == "tag"), 0)
-    if settings and tagged:  # across the whole run: only now are all its scores known
-        name = " and ".join(([f"keep-top-percent {settings['percent']}"] if settings["percent"] else [])
-                            + (["keep-near"] if settings["near_targets"] else []))
-        print(f"{name}: {refilter(store, **settings)['published']} samples published")
-    card = write_card(store)  # settled: the card counts what is published now
-    if card:
-        print(f"dataset card: {card}")
+    from clipfleet.workers.publish import publish_settled
+    for line in publish_settled(store, run.cfg, states):  # settled: the card counts what is published now
+        print(line)
     return report_outcome(store, states, dict(sweeper.recovered))

@@ -46,7 +46,7 @@ def run_takedown(store_uri: str, urls: str | None, hashes: str | None, reason: s
     if missing:
         print(f"{len(missing)} entries matched no sample of this run (blocklisted all the same)")
     print(f"record: {store.url(result.record)}")
-    from clipfleet.producer.card import write_card
+    from clipfleet.workers.publish.card import write_card
     card = write_card(store)  # its counts and takedowns changed
     if card:
         print(f"dataset card: {card}")

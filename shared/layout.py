@@ -11,7 +11,7 @@ import pyarrow as pa
 from clipfleet.shared.storage import shard_name
 
 RUN_FILE = "run.json"
-DATASET_CARD = "README.md"  # the Hugging Face dataset card of what is published (producer/card.py)
+DATASET_CARD = "README.md"  # the Hugging Face dataset card of what is published (workers/publish/card.py)
 
 URL_SHARD_SCHEMA = pa.schema([
     ("url", pa.string()), ("caption", pa.string()), ("page_url", pa.string()),
@@ -110,7 +110,7 @@ TAKEDOWN_IDS = f"{TAKEDOWNS}/ids.npy"              # sorted int64 global ids nev
 TAKEDOWN_BLOCKLIST = f"{TAKEDOWNS}/blocklist.txt"  # download's --blocklist format
 
 
-# `clipfleet refilter` (producer/refilter.py): the global ids a percentile filter left out of dataset/
+# `clipfleet refilter` (workers/publish/refilter.py): the global ids a percentile filter left out of dataset/
 # (embedded, not published), and the filter in force, written last.
 FILTERED_IDS = "filtered/ids.npy"
 FILTER_RECORD = "filtered/filter.json"

@@ -319,8 +319,9 @@ class FleetSweeper:
     """Sweeps every detached run from a worker; one worker of the fleet at a time (a lock
     renewed while it holds it), so a run is not recovered twice over."""
 
-    def __init__(self, app, client, holder: str):
+    def __init__(self, app, client, holder: str, on_settled=None):
         self.app, self.client, self.holder = app, client, holder
+        self.on_settled = on_settled  # (store, cfg, states): what a settled run publishes (workers/publish)
         self._runs: dict[str, Sweeper] = {}   # store URI -> its sweeper
 
     def sweep_once(self) -> None:
@@ -340,7 +341,8 @@ class FleetSweeper:
                 log.exception("sweeping detached run %s failed; trying again next time", uri)
 
     def _sweep_run(self, uri: str) -> bool:
-        """One sweep of one run; True when every expected shard is done or dead-lettered."""
+        """One sweep of one run; True when it has settled (every expected shard done or dead-lettered,
+        the run-once work done) and what it publishes is published."""
         store = Store(uri)
         run = RunState(store)
         run.index = RunIndex(self.client, uri, run.cfg.created_at)
@@ -349,6 +351,15 @@ class FleetSweeper:
         sweeper = self._runs[uri]
         states = run.all()
         if all(s.complete for s in states):
+            if not run.settled():  # run-once work (the index's merge, its dedup) still going
+                sweeper.sweep({}, {})
+                return False
+            if self.on_settled is not None:
+                try:
+                    self.on_settled(store, run.cfg, states)
+                except Exception:  # e.g. a percentile the run cannot meet: said once, not every sweep
+                    log.exception("detached run %s settled, but publishing it failed; run `clipfleet refilter` "
+                                  "or `clipfleet card` on it", uri)
             return True
         sweeper.sweep(pending(states), done(states))
         return False

@@ -230,8 +230,10 @@ def _fleet_sweeper_loop(holder: str, stop) -> None:
     while not stop.wait(sweep_s()):
         try:
             if sweeper is None:
+                from clipfleet.workers.publish import publish_settled
                 sweeper = FleetSweeper(app, redis.Redis.from_url(app.conf.broker_url, socket_timeout=10,
-                                                                 socket_connect_timeout=5), holder)
+                                                                 socket_connect_timeout=5), holder,
+                                       on_settled=publish_settled)
             sweeper.sweep_once()
         except Exception as exc:  # the broker away: try again next time
             log.warning("fleet sweep failed (%s: %s)", exc.__class__.__name__, exc)

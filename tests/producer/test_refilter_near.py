@@ -71,8 +71,8 @@ def test_keep_near_circles_keeps_circles_and_drops_the_rest(run_copy, report_wor
     assert files(store_dir) == everything  # deterministic clusters: not a byte, not a timestamp
 
     # What a settled run re-applies (producer/follow.py): the stored vectors, no model, same result.
-    from clipfleet.producer.refilter import in_force
-    from clipfleet.producer.refilter import refilter as apply
+    from clipfleet.workers.publish.refilter import in_force
+    from clipfleet.workers.publish.refilter import refilter as apply
     store = Store(str(store_dir))
     assert not apply(store, **in_force(store, RunConfig.load(store)))["changed"]
 

@@ -6,10 +6,11 @@ holds them, models with their files' sha256, refusals (robots.txt, opt-outs, blo
 Every count comes from the run state (shared/runstate.py, the markers), as `status` and `report`
 read it, so the card says what the markers say.
 
-Written by `clipfleet run` once its run has settled (by then every marker is in the per-stage
-summaries), by `clipfleet takedown` after each takedown, and by `clipfleet card --store S`: one
-read of the run state plus the model files' hashes, so rewriting it is cheap and harmless. Nothing
-in a worker writes it: a card of a half-published run would say less than the next one.
+Written once the run has settled (by then every marker is in the per-stage summaries): by
+`clipfleet run`, or for a `--detach`ed run by the fleet's sweeper (workers/publish/__init__.py);
+then by `clipfleet takedown` after each takedown, and by `clipfleet card --store S`: one read of
+the run state plus the model files' hashes, so rewriting it is cheap and harmless. No stage writes
+it: a card of a half-published run would say less than the next one.
 """
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def plan(store: Store, percent: float) -> tuple[set[tuple[int, str]], dict]:
 
 def refilter(store: Store, percent: float | None = None, near_targets: dict | None = None) -> dict:
     """Publish the top `percent`% per bucket, intersected with the samples near `near_targets`
-    ({targets: labels, vectors, clusters}: producer/nearfilter.py) when given; returns
+    ({targets: labels, vectors, clusters}: workers/publish/nearfilter.py) when given; returns
     {keep_top_percent, buckets, keep_near?, published, filtered, shards_rewritten, changed}."""
     if percent is None and near_targets is None:
         raise RefilterError("give --keep-top-percent, --keep-near or both")
@@ -96,7 +96,7 @@ def refilter(store: Store, percent: float | None = None, near_targets: dict | No
                             "run with lower thresholds")
     record = {"keep_top_percent": percent, "buckets": buckets}
     if near_targets is not None:  # DataComp-1B: the intersection of both filters
-        from clipfleet.producer.nearfilter import near
+        from clipfleet.workers.publish.nearfilter import near
         rows, summary = near(store, {s: len(ks) for s, ks in keys.items()}, near_targets["vectors"],
                              near_targets["clusters"])
         keep = keep & {(shard, keys[shard][row]) for shard, row in rows}
@@ -159,7 +159,7 @@ def run_refilter(store_uri: str, percent: float | None, near_values: list[str] |
         raise RefilterError(f"--clusters goes with --keep-near and must be at least 1, not {clusters}")
     near_targets = None
     if near_values:
-        from clipfleet.producer.nearfilter import read_targets
+        from clipfleet.workers.publish.nearfilter import read_targets
         from clipfleet.shared.runconfig import RunConfig
         labels, vectors = read_targets(near_values, RunConfig.load(store).embed.embed_model, store.uri)
         near_targets = {"targets": labels, "vectors": vectors, "clusters": clusters}
@@ -175,7 +175,7 @@ def run_refilter(store_uri: str, percent: float | None, near_values: list[str] |
         print(f"nothing changed: dataset/ already holds what this filter keeps ({done['published']} samples)")
         return 0
     print(f"published {done['published']} samples; {done['shards_rewritten']} shards rewritten")
-    from clipfleet.producer.card import write_card
+    from clipfleet.workers.publish.card import write_card
     card = write_card(store)
     if card:
         print(f"dataset card: {card}")
