@@ -22,6 +22,16 @@ log = logging.getLogger("clipfleet")
 
 
 # -- up / worker -------------------------------------------------------------------------------
+def stop_requested() -> threading.Event:
+    """An event set by Ctrl-C or SIGTERM. Installed before a long-running command says it is ready,
+    so a signal sent the moment it does is a clean stop, not a KeyboardInterrupt raised outside the
+    command's own try/finally (seen under load as exit 130 from `sandbox serve`)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 def cmd_up(args) -> int:
     queues = parse_queues(args.queues)
     if args.store:
@@ -33,9 +43,7 @@ def cmd_up(args) -> int:
     logs.mkdir(exist_ok=True)
     fleet = start_fleet(queues, broker=args.broker, store_key=args.store, flower=True,
                         flower_port=args.flower_port, log_dir=logs, concurrency=args.concurrency)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_requested()
     try:
         user, password = fleet.flower_auth
         print(f"broker: {fleet.broker}")
@@ -220,9 +228,7 @@ def cmd_metrics(args) -> int:
     broker = args.broker or os.environ.get("CLIPFLEET_BROKER")
     if not broker:
         raise FleetError("no broker: pass --broker redis://HOST:PORT/0 or set CLIPFLEET_BROKER")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_requested()
     serve(broker, args.host, args.port, args.interval, stop)
     return 0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,12 +84,14 @@ def _serve(args) -> int:
     if server.port != made_port:
         print(f"warning: {args.dir} was made for port {made_port}; its URLs will not match",
               file=sys.stderr)
+    from clipfleet.producer.cli import stop_requested
+
+    stop = stop_requested()
     server.start()
-    print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)", flush=True)
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)", flush=True)
+        while not stop.wait(1.0):
+            pass
     finally:
         server.stop()
     return 0
