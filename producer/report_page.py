@@ -232,8 +232,14 @@ class Page:
         except (FileNotFoundError, ValueError):
             return
         action = "left out of dataset/" if dedup.get("dropped") else "marked with duplicate_of"
+        semantic = f"cosine >= 1 - {dedup['eps']}" if dedup.get("eps") else "no semantic pairs"
         self.note(f"near-duplicates: {dedup['groups']} groups holding {dedup['samples']} samples; "
-                  f"{dedup['duplicates']} {action} (pHash within {dedup['hamming']} bits, cosine >= 1 - {dedup['eps']})")
+                  f"{dedup['duplicates']} {action} (pHash within {dedup['hamming']} bits, {semantic})")
+        how = dedup.get("calibration") or {}
+        if how.get("copies_measured"):
+            self.note(f"thresholds calibrated on {how['copies_measured']} web copies of the run's own pictures "
+                      f"(95% within {how['copy_bits_q95']} bits and cosine distance {how['copy_distance_q95']}); "
+                      f"eps: {how['eps_from']}; see run.json near_duplicates")
 
     def grid(self, store: Store, samples: Samples, per_kind: int) -> None:
         self.section("Samples kept and dropped", "samples")

@@ -121,7 +121,11 @@ def run_status(store_uri: str, as_json: bool = False, broker: str | None = None,
         out = f", {s['samples_out']} out" if s["samples_out"] is not None else ""
         print(f"{'':>11}samples: {samples} in{out}{rate}; {s['duration_s']}s of work")
         for key, value in s["totals"].items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value and all(_is_number(k) for k in value):
+                # a histogram (bin -> count, e.g. embed's near_dup_copy_bits): one line, bins in order
+                bins = sorted(value.items(), key=lambda kv: float(kv[0]))
+                print(f"{'':>11}{key}: " + ", ".join(f"{k}: {v}" for k, v in bins))
+            elif isinstance(value, dict):
                 print(f"{'':>11}{key}:")
                 for k, v in value.items():
                     print(f"{'':>13}{k}: {v}")
@@ -130,3 +134,11 @@ def run_status(store_uri: str, as_json: bool = False, broker: str | None = None,
         for f in s["failures"]:
             print(f"{'':>11}dead shard {f['shard']}: {f['error']}")
     return 0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -63,3 +63,21 @@ def picture_chw(tensor, row: dict, resize_mode: str | None):
         return tensor
     left, top, right, bottom = box
     return tensor[:, top:bottom, left:right]
+
+
+COPY_KINDS = ("q40", "half", "crop3")
+
+
+def web_copies(bgr, quality: int = 40, scale: float = 0.5, crop: float = 0.03) -> dict[str, bytes]:
+    """A picture (8-bit BGR array) as the web copies it, each a JPEG: re-encoded at `quality`,
+    shrunk to `scale`, cropped by `crop` of each side (half at either end). The near-duplicate
+    calibration measures how far a model and the perceptual hash move these; the tests plant them."""
+    import cv2
+    h, w = bgr.shape[:2]
+    dy, dx = round(h * crop / 2), round(w * crop / 2)
+
+    def jpeg(img, q=90):
+        return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])[1].tobytes()
+    small = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return {"q40": jpeg(bgr, quality), "half": jpeg(cv2.resize(bgr, small, interpolation=cv2.INTER_AREA)),
+            "crop3": jpeg(bgr[dy:h - dy, dx:w - dx])}

@@ -29,6 +29,7 @@ from clipfleet.shared.models.cache import copy_to_machine
 from clipfleet.shared.models.runtime import choose_device, encoder, split_threads
 from clipfleet.shared.pipeline import Stage, StageOutput, Stats
 from clipfleet.shared.storage import Store
+from clipfleet.workers.embed import calibrate
 from clipfleet.workers.image_batches import decode_pool, prepared_batches, preprocessor
 from clipfleet.workers.image_reader import downloaded_samples, read_rows
 
@@ -71,9 +72,11 @@ class EmbedStage(Stage):
         reused = self._reuse(store, shard, position, img, text, done)
 
         todo = {kept[i] for i in np.flatnonzero(~done)}
+        picked, pictures = set(calibrate.chosen(kept)), {}
         encoded = 0
         if todo:
-            samples = (s for s in downloaded_samples(store, shard, list(rows.values())) if s.key in todo)
+            samples = (pictures.setdefault(s.key, s) if s.key in picked else s
+                       for s in downloaded_samples(store, shard, list(rows.values())) if s.key in todo)
             prep = preprocessor(enc, self.pool(), resize_mode=self.run_config.download.resize_mode)
             for batch in prepared_batches(samples, lambda s: enc.name, {enc.name: prep},
                                           self.options.embed_batch_size):
@@ -95,6 +98,10 @@ class EmbedStage(Stage):
         img.flush()
         text.flush()
         del img, text
+        if picked - pictures.keys():  # embedded by the filter: read from the tar for calibration only
+            pictures.update((s.key, s) for s in downloaded_samples(store, shard, [rows[k] for k in picked])
+                            if s.data is not None)
+        calibrate.measure(enc, [pictures[k] for k in sorted(pictures)], self.run_config.download.resize_mode, stats)
 
         metadata = out / "metadata.parquet"
         pq.write_table(pa.table({

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from clipfleet.shared import layout
 from clipfleet.shared.pipeline import RunOnce, StageOutput, Stats
 from clipfleet.shared.storage import Store
-from clipfleet.workers.index import neardup, vectors
+from clipfleet.shared.summaries import compacted
+from clipfleet.workers.index import calibration, neardup, vectors
 from clipfleet.workers.index.plan import (DEDUP, DEDUP_GROUPS, DEDUP_INFO, TRAIN, TRAIN_KEY, dedup_done, dedup_key,
                                          read_infos)
 from clipfleet.workers.index.takedown import _read_parquet, _without_members, _write_parquet, taken_down
@@ -89,14 +90,19 @@ def _quantizer(store: Store, scratch: Path, ivf: bool):
 
 
 def find_groups(store: Store, shards: list[int], options, train_stats: dict, scratch: Path,
-                stats: Stats) -> pa.Table:
+                stats: Stats) -> tuple[pa.Table, dict]:
+    """(the groups, the thresholds used and how they were chosen)."""
     ids, keys, sims, hashes, has, x = _samples(store, shards, train_stats.get("dim"))
     stats.samples_in(len(keys))
     if not keys:
-        return GROUP_SCHEMA.empty_table()
-    by_phash = neardup.phash_pairs(hashes, has, options.near_dup_hamming)
+        return GROUP_SCHEMA.empty_table(), {}
     assigned = neardup.clusters(x, _quantizer(store, scratch, bool(train_stats.get("ivf"))), options.index_seed)
-    by_embedding = neardup.semantic_pairs(x, assigned, options.near_dup_eps)
+    thresholds = calibration.calibrate(options, _embed_totals(store, shards), x, assigned, hashes, has)
+    by_phash = neardup.phash_pairs(hashes, has, thresholds["hamming"])
+    by_embedding = (neardup.semantic_pairs(x, assigned, thresholds["eps"]) if thresholds["eps"] > 0
+                    else np.zeros((0, 2), np.int64))
+    by_phash, by_embedding, vetoed = calibration.confirmed(by_phash, by_embedding, x, hashes, has, thresholds)
+    thresholds.update(vetoed)
     rows, kept = neardup.group(keys, sims, [by_phash, by_embedding])
     stats.add("phash_pairs", len(by_phash))
     stats.add("embedding_pairs", len(by_embedding))
@@ -105,7 +111,13 @@ def find_groups(store: Store, shards: list[int], options, train_stats: dict, scr
                       "group": pa.array(ids[kept], pa.int64()),
                       "duplicate_of": [None if r == k else keys[k] for r, k in zip(rows, kept)]},
                      schema=GROUP_SCHEMA)
-    return table.sort_by([("group", "ascending"), ("id", "ascending")])
+    return table.sort_by([("group", "ascending"), ("id", "ascending")]), thresholds
+
+
+def _embed_totals(store: Store, shards: list[int]) -> dict:
+    """The embed stage's stats summed over `shards` (its copy-distance histograms among them)."""
+    names = {f"{s:05d}" for s in shards}
+    return compacted(store, "embed", names & store.done("embed"), store.marker).totals_of(names & store.done("embed"))
 
 
 def counts(groups: pa.Table) -> dict:
@@ -123,7 +135,7 @@ class DedupIndex(RunOnce):
     def run(self, store: Store, key: str, out: Path, stats: Stats, **inputs) -> StageOutput:
         infos = read_infos(store) or {}
         train = (store.marker(TRAIN, TRAIN_KEY) or {}).get("stats", {})
-        groups = find_groups(store, sorted(infos.get("shards", [])), self.options, train, out, stats)
+        groups, thresholds = find_groups(store, sorted(infos.get("shards", [])), self.options, train, out, stats)
         found = counts(groups)
         for name, n in found.items():
             stats.add(name, n)
@@ -132,13 +144,25 @@ class DedupIndex(RunOnce):
         # redelivered task computes the same groups and finds those shards already as wanted
         rewritten = mark_dataset(store, groups, self.options.drop_near_duplicates)
         stats.add("shards_rewritten", rewritten)
+        record_in_run(store, thresholds)
         path, info = out / "groups.parquet", out / "info.json"
         pq.write_table(groups, path)
         info.write_text(json.dumps({
-            "key": key, **found, "hamming": self.options.near_dup_hamming, "eps": self.options.near_dup_eps,
+            "key": key, **found, "hamming": thresholds.get("hamming"), "eps": thresholds.get("eps"),
+            "calibration": thresholds,
             "dropped": self.options.drop_near_duplicates, "shards_rewritten": rewritten,
             "pairs": {k: stats.get(f"{k}_pairs") for k in ("phash", "embedding")}}, indent=1, sort_keys=True))
         return StageOutput({DEDUP_GROUPS: path, DEDUP_INFO: info})  # the record last
+
+
+def record_in_run(store: Store, thresholds: dict) -> None:
+    """Add the thresholds in force to run.json as `near_duplicates` (a record for the reader, never
+    read back as options: the flags stay as the run was given them)."""
+    if not thresholds:
+        return
+    raw = store.read_json(layout.RUN_FILE)
+    if raw.get("near_duplicates") != thresholds:
+        store.write_json(layout.RUN_FILE, {**raw, "near_duplicates": thresholds}, strict=True)
 
 
 def mark_dataset(store: Store, groups: pa.Table, drop: bool) -> int:

@@ -13,22 +13,14 @@ def _memory(value: str) -> str | None:
     return None if _MEMORY.match(str(value)) else f"a size such as 4G, 512M or 1T, got {value!r}"
 
 
-def positive(value) -> str | None:
-    return None if value > 0 else f"must be > 0, got {value}"
-
-
-def not_negative(value) -> str | None:
-    return None if value >= 0 else f"must be >= 0, got {value}"
-
-
 def _fraction(value) -> str | None:
-    return None if 0 <= value < 1 else f"must be in [0, 1), got {value}"
+    return None if value is None or 0 <= value < 1 else f"must be in [0, 1), got {value}"
 
 
-# Calibrated on the sandbox world (tests/workers/index/test_dedup.py): its re-encoded, halved and 3%-cropped
-# copies come within 6 bits of their original and cosine ~0.99; its closest distinct pictures are 10 bits
-# apart. Tighter than download's PHASH_DISTANCE (10): across a run every pair is a chance of a false
-# match, and a copy the hash misses is still caught by its embedding.
+# Where a run's own calibration (workers/index/calibration.py) cannot start from copies, and the ceiling
+# of its Hamming threshold: on the sandbox world re-encoded, halved and 3%-cropped copies come within 6
+# bits of their original, its closest distinct pictures 10 bits apart. Tighter than download's
+# PHASH_DISTANCE (10): across a run every pair is a chance of a false match.
 DEDUP_HAMMING = 8
 DEDUP_EPS = 0.05
 
@@ -55,9 +47,13 @@ class IndexOptions:
                                      check=not_negative)
     index_text: bool = option(False, "also build a text index (text embeddings; for modality=text search)")
     index_seed: int = option(0, "seed of the training sample and the held-out queries")
-    near_dup_hamming: int = option(DEDUP_HAMMING, "near-duplicates: pictures whose 64-bit perceptual hashes differ in at "
-                                               "most this many bits", check=not_negative)
-    near_dup_eps: float = option(DEDUP_EPS, "near-duplicates: samples in one coarse cluster whose image embeddings' cosine "
-                                         "similarity is >= 1 - eps (SemDeDup's eps)", check=_fraction)
+    near_dup_hamming: int | None = option(None, "near-duplicates: pictures whose 64-bit perceptual hashes differ in at "
+                                                "most this many bits (default: calibrated on the run's own pictures, "
+                                                "see run.json near_duplicates)", check=not_negative)
+    near_dup_eps: float | None = option(None, "near-duplicates: samples in one coarse cluster whose image embeddings' "
+                                              "cosine similarity is >= 1 - eps (SemDeDup's eps; default: calibrated "
+                                              "for the run's model on copies of its own pictures, 0 when the model "
+                                              "cannot tell copies apart, see run.json near_duplicates)",
+                                        check=_fraction)
     drop_near_duplicates: bool = option(False, "leave near-duplicates out of dataset/ (by default they are published, "
                                                "`duplicate_of` naming the sample kept for their group)")

@@ -18,26 +18,19 @@ import pytest
 from clipfleet.workers.download.blocklist import Blocklist
 from clipfleet.sandbox.server import SandboxServer
 from clipfleet.shared import layout
+from clipfleet.shared.images import COPY_KINDS, web_copies
 from clipfleet.shared.storage import Store
 from clipfleet.workers.download.options import PHASH_DISTANCE
 from clipfleet.workers.download.phash import PhashList, distances, phash_bytes, to_int
 from tests.workers.download.conftest import WORLD_SAMPLES
 from tests.workers.download.test_stage import outputs, run_shard
 
-KINDS = ("q40", "half", "crop3")
+KINDS = COPY_KINDS
 
 
-def copies(data: bytes, quality: int = 40, scale: float = 0.5, crop: float = 0.03) -> dict[str, bytes]:
-    """The same picture as the web copies it: re-encoded, resized, cropped by 3% (half a side)."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    h, w = img.shape[:2]
-    dy, dx = round(h * crop / 2), round(w * crop / 2)
-
-    def jpeg(picture, q=90):
-        return cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, q])[1].tobytes()
-    small = (round(w * scale), round(h * scale))
-    return {"q40": jpeg(img, quality), "half": jpeg(cv2.resize(img, small, interpolation=cv2.INTER_AREA)),
-            "crop3": jpeg(img[dy:h - dy, dx:w - dx])}
+def copies(data: bytes, **settings) -> dict[str, bytes]:
+    """The same picture as the web copies it: re-encoded at quality 40, shrunk to half, cropped by 3%."""
+    return web_copies(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), **settings)
 
 
 def original(world: Path, url: str) -> bytes:

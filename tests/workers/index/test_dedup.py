@@ -6,6 +6,7 @@ run as a fleet would run them (conftest.drive), dedup after the merge."""
 from __future__ import annotations
 
 import io
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -158,3 +159,52 @@ def test_components_are_union_find():
         ra, rb = find(a), find(b)
         parent[max(ra, rb)] = min(ra, rb)
     assert neardup.components(500, pairs).tolist() == [find(i) for i in range(500)]
+
+
+def _options(**given):
+    from clipfleet.workers.index.options import IndexOptions
+    return IndexOptions(**given)
+
+
+def _histograms(bits: list[int], distances: list[float]) -> dict:
+    from clipfleet.workers.embed.calibrate import COPY_BITS, COPY_DISTANCE, distance_label
+    return {COPY_BITS: dict(Counter(f"{b:02d}" for b in bits)), COPY_DISTANCE: dict(Counter(map(distance_label, distances)))}
+
+
+def test_calibration_takes_the_copies_thresholds_when_the_model_tells_copies_from_other_pictures():
+    from clipfleet.workers.index.calibration import calibrate
+    rng = np.random.default_rng(0)
+    x = normalise(rng.standard_normal((500, 32)).astype(np.float32))  # distinct pictures: far apart
+    hashes = rng.integers(0, 2**63, 500, dtype=np.int64).astype(np.uint64)
+    found = calibrate(_options(), _histograms([1] * 30 + [5] * 70 + [9] * 5, [0.004] * 100 + [0.02] * 5),
+                      x, np.zeros(500, np.int64), hashes, np.ones(500, bool))
+    assert (found["hamming"], found["eps"], found["veto_bits"]) == (5, 0.005, 9)
+    assert found["eps_from"] == "95% of copies" and found["distinct_distance_q01"] > 0.5
+
+
+def test_calibration_turns_semantic_duplicates_off_for_a_model_that_puts_other_pictures_as_close_as_copies():
+    from clipfleet.workers.index.calibration import calibrate
+    rng = np.random.default_rng(0)
+    shapes = normalise(rng.standard_normal((4, 32)).astype(np.float32))  # four kinds, pictures on top of each other
+    x = normalise(shapes[rng.integers(0, 4, 400)] + 0.01 * rng.standard_normal((400, 32)).astype(np.float32))
+    hashes = rng.integers(0, 2**63, 400, dtype=np.int64).astype(np.uint64)
+    found = calibrate(_options(), _histograms([3] * 20, [0.004] * 20), x, np.zeros(400, np.int64), hashes,
+                      np.ones(400, bool))
+    assert found["eps"] == 0.0 and found["eps_from"].startswith("off:")
+    given = calibrate(_options(near_dup_eps=0.02, near_dup_hamming=3), {}, x, np.zeros(400, np.int64), hashes,
+                      np.ones(400, bool))
+    assert (given["eps"], given["hamming"], given["eps_from"]) == (0.02, 3, "--near-dup-eps")
+    assert "veto_bits" not in given
+
+
+def test_a_relation_loses_the_pairs_the_other_rules_out():
+    from clipfleet.workers.index.calibration import confirmed
+    x = normalise(np.array([[1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 1, 0.01]], np.float32))
+    hashes = np.array([0, 0b1, 0b11, 0xFFFF_FFFF], np.uint64)
+    has = np.ones(4, bool)
+    by_phash = np.array([[0, 1], [1, 2]])  # 1 bit apart (a copy); 1 bit apart but the model says other pictures
+    by_embedding = np.array([[0, 1], [2, 3]])  # close in both; close to the model but 30 bits apart
+    kept_phash, kept_embedding, vetoed = confirmed(by_phash, by_embedding, x, hashes, has,
+                                                   {"veto_bits": 4, "veto_distance": 0.01})
+    assert kept_phash.tolist() == [[0, 1]] and kept_embedding.tolist() == [[0, 1]]
+    assert vetoed == {"phash_pairs_vetoed": 1, "embedding_pairs_vetoed": 1}

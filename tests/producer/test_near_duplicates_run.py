@@ -1,0 +1,89 @@
+"""Near-duplicates in a real run, as a user runs it: `clipfleet run` (its embedded fleet) over a URL list
+holding the sandbox's pictures and, at their own URLs and captions, copies of each (re-encoded at
+quality 40, shrunk to half, cropped by 3%), shuffled across shards. Every stage is the real one, with
+the shipped `shapes` model; the thresholds are the run's own calibration (no --near-dup-* flag), and
+run.json records them. Before calibration the fixed eps 0.05 marked a quarter of this world's distinct
+pictures as copies of each other (shapes puts pictures of one shape close together)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+from collections import Counter
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipfleet.producer.fleet import free_port
+from clipfleet.sandbox.server import SandboxServer
+from clipfleet.sandbox.web import make_sandbox
+from clipfleet.shared import layout
+from clipfleet.shared.images import web_copies
+from clipfleet.shared.storage import Store
+from clipfleet.workers.index.plan import DEDUP_GROUPS
+from tests.producer.test_card import CLI, REPO
+
+
+def plant(world, port: int) -> tuple[list[dict], dict[str, str]]:
+    """URL rows (originals and their copies, shuffled) and {copy url: its original's url}."""
+    truth = pq.read_table(world / "ground_truth" / "images.parquet").to_pylist()
+    (world / "web" / "copies").mkdir()
+    rows, original = [], {}
+    for t in truth:
+        rows.append({"url": t["url"], "caption": t["caption"]})
+        data = (world / "web" / t["url"].split("/", 3)[3]).read_bytes()
+        for kind, copy in web_copies(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)).items():
+            (world / "web" / "copies" / f"{t['id']}-{kind}.jpg").write_bytes(copy)
+            url = f"http://127.0.0.1:{port}/copies/{t['id']}-{kind}.jpg"
+            rows.append({"url": url, "caption": f"{t['caption']} ({kind} copy)"})
+            original[url] = t["url"]
+    random.Random(1).shuffle(rows)
+    return rows, original
+
+
+@pytest.mark.timeout(600)
+def test_a_run_groups_planted_copies_with_thresholds_calibrated_for_its_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPFLEET_STATE_DIR", str(tmp_path / "state"))
+    port = free_port()
+    world = tmp_path / "world"
+    make_sandbox(world, samples=80, port=port, seed=7, wat_files=1)
+    rows, original = plant(world, port)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
+    store_dir = tmp_path / "store"
+    with SandboxServer(world):
+        proc = subprocess.run(
+            CLI + ["run", "--urls", str(tmp_path / "urls.parquet"), "--store", str(store_dir), "--until", "index",
+                   "--shard-size", "40", "--allow-private-addresses", "--filter-model", "shapes",
+                   "--multilingual-filter-model", "shapes", "--embed-model", "shapes", "--index-eval-queries", "0"],
+            cwd=REPO, capture_output=True, text=True, timeout=500, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    store = Store(str(store_dir))
+
+    calibrated = store.read_json(layout.RUN_FILE)["near_duplicates"]
+    print(json.dumps(calibrated))
+    assert calibrated["copies_measured"] == 2 * 3 * len(store.done("embed"))  # 2 pictures a shard, 3 copies each
+    assert calibrated["hamming_from"].startswith("95% of copies") and 4 <= calibrated["hamming"] <= 8
+    assert calibrated["eps"] == calibrated["copy_distance_q95"] < calibrated["distinct_distance_q01"] / 3
+
+    key_url = {}
+    for path in sorted((store_dir / "dataset").glob("*.parquet")):
+        table = pq.read_table(path, columns=["key", "URL", "duplicate_of"])
+        key_url.update(zip(table.column("key").to_pylist(), table.column("URL").to_pylist()))
+    url_key = {u: k for k, u in key_url.items()}
+    groups = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS))).to_pylist()
+    group_of = {g["key"]: g["group"] for g in groups}
+    copies = [u for u in url_key if u in original and original[u] in url_key]  # both kept by the filter
+    originals = [u for u in url_key if u not in original]
+    found = sum(group_of.get(url_key[c], -1) == group_of.get(url_key[original[c]], -2) for c in copies)
+    shared = Counter(group_of[url_key[u]] for u in originals if url_key[u] in group_of)
+    merged = sum(n - 1 for n in shared.values())
+    print(f"copies in their original's group: {found} of {len(copies)}; distinct pictures merged: "
+          f"{merged} of {len(originals)}")
+    assert len(copies) >= 100 and len(originals) >= 40
+    assert found >= 0.95 * len(copies)
+    assert merged <= 0.02 * len(originals)
