@@ -11,6 +11,7 @@ import json
 import os
 import random
 import subprocess
+import tarfile
 from collections import Counter
 
 import cv2
@@ -70,10 +71,15 @@ def test_a_run_groups_planted_copies_with_thresholds_calibrated_for_its_model(tm
     assert calibrated["hamming_from"].startswith("95% of copies") and 4 <= calibrated["hamming"] <= 8
     assert calibrated["eps"] == calibrated["copy_distance_q95"] < calibrated["distinct_distance_q01"] / 3
 
-    key_url = {}
+    key_url, marks, in_tars = {}, {}, {}
     for path in sorted((store_dir / "dataset").glob("*.parquet")):
         table = pq.read_table(path, columns=["key", "URL", "duplicate_of"])
         key_url.update(zip(table.column("key").to_pylist(), table.column("URL").to_pylist()))
+        marks.update(zip(table.column("key").to_pylist(), table.column("duplicate_of").to_pylist()))
+        with tarfile.open(path.with_suffix(".tar")) as tar:  # webdataset readers see the same marks
+            in_tars.update((m.name.split(".")[0], json.load(tar.extractfile(m))["duplicate_of"])
+                           for m in tar if m.name.endswith(".json"))
+    assert in_tars == marks and sum(m is not None for m in marks.values()) >= 150
     url_key = {u: k for k, u in key_url.items()}
     groups = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS))).to_pylist()
     group_of = {g["key"]: g["group"] for g in groups}

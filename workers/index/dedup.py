@@ -1,7 +1,8 @@
 """index-dedup: near-duplicate groups across the whole run (workers/index/neardup.py says how), a
 run-once task on the index queue due after each merge (its key is the serving generation's).
 
-It first marks the published dataset: each dataset/{shard}.parquet gets `duplicate_of`, or, with
+It first marks the published dataset: each dataset/{shard}.parquet gets `duplicate_of` (and the
+sample's KEY.json in the shard's tar), or, with
 --drop-near-duplicates, loses the duplicates' rows and their tar members; a shard already as wanted
 is not rewritten. Then it commits dedup/groups.parquet (one row per sample in a group of two or
 more: id, key, group = the kept sample's id, duplicate_of = the kept sample's key, null for the kept
@@ -28,6 +29,7 @@ from clipfleet.workers.index import calibration, neardup, vectors
 from clipfleet.workers.index.plan import (DEDUP, DEDUP_GROUPS, DEDUP_INFO, TRAIN, TRAIN_KEY, dedup_done, dedup_key,
                                          read_infos)
 from clipfleet.workers.index.takedown import _read_parquet, _without_members, _write_parquet, taken_down
+from clipfleet.workers.tag.publish import read_tar, tar_end, tar_member
 
 GROUP_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("group", pa.int64()),
                           ("duplicate_of", pa.string())])
@@ -185,6 +187,8 @@ def remark(store: Store) -> int:
 
 
 def _mark_shard(store: Store, shard: int, marks: dict[str, str], drop: bool) -> bool:
+    """The parquet is the shard's commit: its tar is brought in line first, so a worker killed between
+    the two leaves a parquet still to do and the redelivery finds the tar already as wanted."""
     rel = layout.dataset_shard(shard, "parquet")
     table = _read_parquet(store, rel)
     if table is None or "key" not in table.column_names:
@@ -196,17 +200,37 @@ def _mark_shard(store: Store, shard: int, marks: dict[str, str], drop: bool) -> 
     position = len([c for c in layout.DATASET_COLUMNS[:where] if c in wanted.column_names])
     wanted = wanted.add_column(position, "duplicate_of", column)
     if drop:
-        gone = {k for k in keys if k in marks}
         wanted = wanted.filter(pc.is_null(wanted.column("duplicate_of")))
-        tar = layout.dataset_shard(shard, "tar")
-        if gone and store.exists(tar):
-            data, dropped = _without_members(store.read_bytes(tar), gone)
-            if dropped:
-                store.write_bytes(tar, data)  # before the parquet: a rerun finds the parquet still to do
     if wanted.equals(table):
         return False
+    tar = layout.dataset_shard(shard, "tar")
+    if store.exists(tar):
+        data = store.read_bytes(tar)
+        if drop:
+            changed, dropped = _without_members(data, {k for k in keys if k in marks})
+        else:
+            changed, dropped = _marked_tar(data, marks, tar)
+        if dropped:
+            store.write_bytes(tar, changed)
     _write_parquet(store, rel, wanted)
     return True
+
+
+def _marked_tar(data: bytes, marks: dict[str, str], source: str) -> tuple[bytes, int]:
+    """The tar with each sample's KEY.json holding its `duplicate_of`; and how many json changed."""
+    out, size, changed = bytearray(), 0, 0
+    for name, body in read_tar(io.BytesIO(data), source):
+        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        if ext == "json":
+            record = json.loads(body)
+            if record.get("duplicate_of") != marks.get(key):
+                record["duplicate_of"] = marks.get(key)
+                body = json.dumps(record, ensure_ascii=False).encode()
+                changed += 1
+        member = tar_member(name, body)
+        out += member
+        size += len(member)
+    return bytes(out + tar_end(size)), changed
 
 
 __all__ = ["DedupIndex", "find_groups", "mark_dataset", "remark", "counts", "GROUP_SCHEMA"]

@@ -134,6 +134,16 @@ def _json_value(value):
     return value
 
 
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular file of a ustar archive: header, data, padding to the block."""
+    return tar_header(name, len(data)) + data + b"\0" * (-len(data) % 512)
+
+
+def tar_end(size: int) -> bytes:
+    """What closes an archive of `size` bytes: two zero blocks, then zeros to a whole record."""
+    return b"\0" * (1024 + (-(size + 1024) % RECORD_SIZE))
+
+
 def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard: int, stats,
                   marks: dict[str, dict] | None = None) -> dict:
     """Write the published parquet and tar into `out`; returns {store path: local file}."""
@@ -152,16 +162,14 @@ def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard
             members = {image[0]: image[1], "json": json.dumps(record, ensure_ascii=False).encode(),
                        "txt": (row["TEXT"] or "").encode()}
             for ext in sorted(members):  # a sample's members together, as webdataset groups them
-                data = members[ext]
-                pending += tar_header(f"{row['key']}.{ext}", len(data))
-                pending += data
-                pending += b"\0" * (-len(data) % 512)
-                size += 512 + len(data) + (-len(data) % 512)
+                member = tar_member(f"{row['key']}.{ext}", members[ext])
+                pending += member
+                size += len(member)
             in_tar += 1
             if len(pending) >= WRITE_BUFFER:
                 tar.write(pending)
                 pending.clear()
-        pending += b"\0" * (1024 + (-(size + 1024) % RECORD_SIZE))  # two zero blocks, whole records
+        pending += tar_end(size)
         tar.write(pending)
     stats.add("published", len(rows))
     stats.kept(len(rows))
@@ -169,4 +177,4 @@ def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard
     return {layout.dataset_shard(shard, "parquet"): parquet_path, layout.dataset_shard(shard, "tar"): tar_path}
 
 
-__all__ = ["laion_hash", "read_tar", "read_images", "dataset_table", "write_dataset", "image_marks", "TarError"]
+__all__ = ["laion_hash", "read_tar", "tar_member", "tar_end", "read_images", "dataset_table", "write_dataset", "image_marks", "TarError"]
