@@ -240,6 +240,36 @@ class Page:
             self.note(f"thresholds calibrated on {how['copies_measured']} web copies of the run's own pictures "
                       f"(95% within {how['copy_bits_q95']} bits and cosine distance {how['copy_distance_q95']}); "
                       f"eps: {how['eps_from']}; see run.json near_duplicates")
+        self.near_duplicate_groups(store)
+
+    def near_duplicate_groups(self, store: Store, groups: int = 4, per_group: int = 6) -> None:
+        """The largest few groups as thumbnails: the sample kept first, then what names it."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        from clipfleet.shared.layout import split_id
+        from clipfleet.workers.index.plan import DEDUP_GROUPS
+        try:
+            rows = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS))).to_pylist()
+        except FileNotFoundError:
+            return
+        members: dict[int, list[dict]] = {}
+        for r in rows:
+            members.setdefault(r["group"], []).append({**r, "shard": split_id(r["id"])[0]})
+        biggest = sorted(members, key=lambda g: (-len(members[g]), g))[:groups]
+        shown = {g: sorted(members[g], key=lambda r: (r["duplicate_of"] is not None, r["key"]))[:per_group]
+                 for g in biggest}
+        thumbs = thumbnails(store, [r for g in biggest for r in shown[g]])
+        for g in biggest:
+            self.add(f"<h3>near-duplicate group of {len(members[g])}</h3><div class='grid'>")
+            for r in shown[g]:
+                picture = (f'<img class="thumb" src="{thumbs[r["key"]]}" alt="{_e(r["key"])}">'
+                           if r["key"] in thumbs else '<div class="nothumb">no image</div>')
+                said = "kept" if r["duplicate_of"] is None else f"duplicate of {r['duplicate_of']}"
+                self.add(f'<div class="cell" data-key="{_e(r["key"])}" data-shard="{r["shard"]}">{picture}'
+                         f'<p class="meta">{_e(r["key"])} · {_e(said)}</p></div>')
+            self.add("</div>")
 
     def grid(self, store: Store, samples: Samples, per_kind: int) -> None:
         self.section("Samples kept and dropped", "samples")

@@ -93,3 +93,9 @@ def test_a_run_groups_planted_copies_with_thresholds_calibrated_for_its_model(tm
     assert len(copies) >= 100 and len(originals) >= 40
     assert found >= 0.95 * len(copies)
     assert merged <= 0.02 * len(originals)
+
+    from clipfleet.producer.report import build_report
+    page = build_report(store)  # a few groups as thumbnails, the kept sample first
+    assert page.count("<h3>near-duplicate group of 4</h3>") == 4 and "thresholds calibrated on" in page
+    first = page.index("<h3>near-duplicate group of 4</h3>")
+    assert "· kept</p>" in page[first:first + 20000] and 'class="thumb" src="data:image/jpeg' in page[first:first + 20000]
