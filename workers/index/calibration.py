@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from clipfleet.workers.embed.calibrate import COPY_BITS, COPY_DISTANCE
-from clipfleet.workers.index.neardup import popcount
+from clipfleet.workers.index.neardup import popcount, rows_f32
 from clipfleet.workers.index.options import DEDUP_EPS, DEDUP_HAMMING
 
 COVER = 0.95
@@ -67,8 +67,14 @@ def distinct_pairs(x: np.ndarray, assigned: np.ndarray, hashes: np.ndarray, has:
     keep = i != j
     keep &= ~(has[i] & has[j] & (popcount(hashes[i] ^ hashes[j]) <= hamming))
     i, j = i[keep], j[keep]
-    return np.concatenate([1.0 - np.einsum("ij,ij->i", x[i[s:s + 8192]], x[j[s:s + 8192]])
-                           for s in range(0, len(i), 8192)] or [np.zeros(0)])
+    return _cosine_distances(x, i, j)
+
+
+def _cosine_distances(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """1 - x_i . x_j for each pair, a block of rows read at a time (`x` may be a memory map)."""
+    return np.concatenate([np.zeros(0)] + [
+        1.0 - np.einsum("ij,ij->i", rows_f32(x, i[s:s + 8192]), rows_f32(x, j[s:s + 8192]))
+        for s in range(0, len(i), 8192)])
 
 
 def calibrate(options, embed_totals: dict, x: np.ndarray, assigned: np.ndarray, hashes: np.ndarray,
@@ -114,7 +120,7 @@ def confirmed(by_phash: np.ndarray, by_embedding: np.ndarray, x: np.ndarray, has
     if "veto_bits" not in thresholds:
         return by_phash, by_embedding, {}
     i, j = by_phash[:, 0], by_phash[:, 1]
-    keep_phash = 1.0 - np.einsum("ij,ij->i", x[i], x[j]) <= thresholds["veto_distance"]
+    keep_phash = _cosine_distances(x, i, j) <= thresholds["veto_distance"]
     i, j = by_embedding[:, 0], by_embedding[:, 1]
     keep_embedding = ~(has[i] & has[j]) | (popcount(hashes[i] ^ hashes[j]) <= thresholds["veto_bits"])
     return (by_phash[keep_phash], by_embedding[keep_embedding],

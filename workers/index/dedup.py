@@ -35,33 +35,39 @@ GROUP_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("group", pa
                           ("duplicate_of", pa.string())])
 
 
-def _samples(store: Store, shards: list[int], dim: int | None):
-    """ids, keys, similarity, phash (uint64), whether it has one, unit vectors of every sample
-    embedded in `shards` that was not taken down."""
-    ids, keys, sims, hashes, has, xs = [], [], [], [], [], []
-    for shard in shards:
-        meta = _read_parquet(store, layout.embedding_metadata(shard), ["key", "similarity"])
-        x = vectors.load(store, shard, "image", dim)
-        if meta is None or len(x) == 0:
-            continue
-        phashes = {}
-        images = _read_parquet(store, layout.image_shard(shard, "parquet"), ["key", "phash"])
-        if images is not None and "phash" in images.column_names:
-            phashes = dict(zip(images.column("key").to_pylist(), images.column("phash").to_pylist()))
-        k = meta.column("key").to_pylist()
-        ids.append(vectors.ids_of(shard, len(k)))
-        keys += k
-        sims.append(meta.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64))
-        hashes += [int(phashes[key], 16) if phashes.get(key) else 0 for key in k]
-        has += [bool(phashes.get(key)) for key in k]
-        xs.append(vectors.as_float32(x, vectors.embeddings_path(shard)))
+def _samples(store: Store, shards: list[int], dim: int | None, scratch: Path):
+    """ids, keys, similarity, phash (uint64), whether it has one, and the unit vectors (float16, a
+    memory map in `scratch`) of every sample embedded in `shards` that was not taken down. Read a
+    shard at a time: what stays in memory is ~50 bytes a sample, never the run's vectors."""
+    ids, keys, sims, hashes, has = [], [], [], [], []
+    gone = taken_down(store)
+    spool, width = scratch / "vectors.f16", dim
+    with open(spool, "wb") as out:
+        for shard in shards:
+            meta = _read_parquet(store, layout.embedding_metadata(shard), ["key", "similarity"])
+            x = vectors.load(store, shard, "image", dim)
+            if meta is None or len(x) == 0:
+                continue
+            phashes = {}
+            images = _read_parquet(store, layout.image_shard(shard, "parquet"), ["key", "phash"])
+            if images is not None and "phash" in images.column_names:
+                phashes = dict(zip(images.column("key").to_pylist(), images.column("phash").to_pylist()))
+            shard_ids = vectors.ids_of(shard, len(meta))
+            alive = ~np.isin(shard_ids, gone)
+            k = [key for key, a in zip(meta.column("key").to_pylist(), alive) if a]
+            ids.append(shard_ids[alive])
+            keys += k
+            sims.append(meta.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64)[alive])
+            hashes += [int(phashes[key], 16) if phashes.get(key) else 0 for key in k]
+            has += [bool(phashes.get(key)) for key in k]
+            unit = vectors.as_float32(x, vectors.embeddings_path(shard))[alive]
+            unit /= np.linalg.norm(unit, axis=1, keepdims=True).clip(1e-12)
+            out.write(unit.astype(np.float16).tobytes())
+            width = unit.shape[1]
     if not keys:
         return np.zeros(0, np.int64), [], np.zeros(0), np.zeros(0, np.uint64), np.zeros(0, bool), None
-    ids, x = np.concatenate(ids), np.concatenate(xs)
-    alive = ~np.isin(ids, taken_down(store))
-    x = x[alive] / np.linalg.norm(x[alive], axis=1, keepdims=True).clip(1e-12)
-    return (ids[alive], [k for k, a in zip(keys, alive) if a], np.concatenate(sims)[alive],
-            np.array(hashes, np.uint64)[alive], np.array(has, bool)[alive], np.ascontiguousarray(x, np.float32))
+    x = np.memmap(spool, np.float16, "r", shape=(len(keys), width))
+    return np.concatenate(ids), keys, np.concatenate(sims), np.array(hashes, np.uint64), np.array(has, bool), x
 
 
 class _Coarse:
@@ -94,7 +100,7 @@ def _quantizer(store: Store, scratch: Path, ivf: bool):
 def find_groups(store: Store, shards: list[int], options, train_stats: dict, scratch: Path,
                 stats: Stats) -> tuple[pa.Table, dict]:
     """(the groups, the thresholds used and how they were chosen)."""
-    ids, keys, sims, hashes, has, x = _samples(store, shards, train_stats.get("dim"))
+    ids, keys, sims, hashes, has, x = _samples(store, shards, train_stats.get("dim"), scratch)
     stats.samples_in(len(keys))
     if not keys:
         return GROUP_SCHEMA.empty_table(), {}

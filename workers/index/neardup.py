@@ -17,7 +17,8 @@ import numpy as np
 
 from clipfleet.workers.download.phash import _POPCOUNT
 
-BLOCK = 2048          # rows compared at once: BLOCK x cluster floats in memory
+BLOCK_ELEMENTS = 1 << 22  # comparisons made at once: a block of rows x a cluster, ~16 MiB of float32
+ASSIGN_ELEMENTS = 1 << 22  # vector elements assigned to clusters at once
 KMEANS_POINTS = 20_000  # without an IVF quantizer, one cluster per this many vectors (SemDeDup's scale)
 
 
@@ -57,9 +58,9 @@ def _unique(found: list[np.ndarray]) -> np.ndarray:
 
 def _pairs_within(members: np.ndarray, close) -> list[np.ndarray]:
     """(i, j) pairs, i < j, of `members` for which close(rows, members) is true, a block at a time."""
-    out = []
-    for start in range(0, len(members) - 1, BLOCK):
-        rows = members[start:start + BLOCK]
+    out, block = [], max(1, BLOCK_ELEMENTS // max(1, len(members)))
+    for start in range(0, len(members) - 1, block):
+        rows = members[start:start + block]
         hit = close(rows, members)
         i, j = np.nonzero(hit)
         keep = start + i < j  # each pair once, never a sample with itself
@@ -85,28 +86,43 @@ def phash_pairs(hashes: np.ndarray, valid: np.ndarray, hamming: int) -> np.ndarr
     return _unique(found)
 
 
+def rows_f32(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows of `x` (a float16 memory map of the run's unit vectors) as float32, read in order."""
+    return np.asarray(x[np.sort(rows)] if len(rows) else x[:0], np.float32)[np.argsort(np.argsort(rows))]
+
+
 def clusters(x: np.ndarray, quantizer=None, seed: int = 0) -> np.ndarray:
-    """A cluster per row of `x`: the trained coarse quantizer's nearest centroid, or k-means'."""
+    """A cluster per row of `x`: the trained coarse quantizer's nearest centroid, or k-means' (trained
+    on a sample, as faiss would subsample anyway); assigned a block at a time."""
     if quantizer is None:
         k = len(x) // KMEANS_POINTS
         if k < 2:
             return np.zeros(len(x), np.int64)
         import faiss
         kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True)
-        kmeans.train(x)
+        rng = np.random.default_rng(seed)
+        kmeans.train(rows_f32(x, rng.choice(len(x), min(len(x), k * 256), replace=False)))
         quantizer = kmeans.index
-    _, assigned = quantizer.search(x, 1)
-    return assigned[:, 0].astype(np.int64)
+    out, block = np.zeros(len(x), np.int64), max(1, ASSIGN_ELEMENTS // x.shape[1])
+    for start in range(0, len(x), block):
+        _, assigned = quantizer.search(np.asarray(x[start:start + block], np.float32), 1)
+        out[start:start + block] = assigned[:, 0]
+    return out
 
 
 def semantic_pairs(x: np.ndarray, assigned: np.ndarray, eps: float) -> np.ndarray:
-    """(n, 2) index pairs in the same cluster with cosine similarity >= 1 - eps (rows unit length)."""
+    """(n, 2) index pairs in the same cluster with cosine similarity >= 1 - eps (rows unit length).
+    One cluster's vectors in memory at a time."""
     order = np.argsort(assigned, kind="stable")
     cuts = np.nonzero(np.diff(assigned[order]))[0] + 1
     found = [np.zeros((0, 2), np.int64)]
     for members in np.split(order, cuts):
         if len(members) > 1:
-            found += _pairs_within(members, lambda rows, m: x[rows] @ x[m].T >= 1 - eps)
+            local = rows_f32(x, members)
+            at = np.arange(len(members))
+            pairs = _unique([np.zeros((0, 2), np.int64),
+                             *_pairs_within(at, lambda rows, m: local[rows] @ local[m].T >= 1 - eps)])
+            found.append(members[pairs])
     return _unique(found)
 
 

@@ -23,7 +23,7 @@ from clipfleet.workers.index.dedup import DedupIndex
 from clipfleet.workers.index.plan import DEDUP_GROUPS, DEDUP_INFO, settled
 from tests.workers.download.conftest import truth, world  # noqa: F401 (fixtures: the sandbox world)
 from tests.workers.download.test_phash import KINDS, copies, original
-from tests.workers.index.conftest import World, drive, make_run, mark, normalise
+from tests.workers.index.conftest import World, add_shard, drive, make_run, mark, normalise
 
 SHARDS = 4  # originals spread over every shard, each copy in another shard than its original
 
@@ -208,3 +208,39 @@ def test_a_relation_loses_the_pairs_the_other_rules_out():
                                                    {"veto_bits": 4, "veto_distance": 0.01})
     assert kept_phash.tolist() == [[0, 1]] and kept_embedding.tolist() == [[0, 1]]
     assert vetoed == {"phash_pairs_vetoed": 1, "embedding_pairs_vetoed": 1}
+
+
+def test_grouping_holds_one_shard_of_vectors_in_memory_not_the_run(tmp_path, monkeypatch):
+    """index-dedup reads the run a shard at a time and compares one cluster at a time: four times
+    the run grows its peak memory by far less than the vectors it added (before, it held them all,
+    twice, as float32). And it finds exactly the pairs an all-in-memory comparison finds."""
+    import tracemalloc
+
+    from clipfleet.workers.index.dedup import find_groups
+    monkeypatch.setattr(neardup, "KMEANS_POINTS", 2000)  # clusters of ~2000: quick to compare
+    space, per_shard = World(dim=128, latent=16, clusters=200, seed=4), 6000
+
+    def peak_of(shards: int):
+        store = make_run(str(tmp_path / f"run{shards}"), index_key="Flat", index_eval_queries=0)
+        x = np.concatenate([add_shard(store, space, s, per_shard, texts=False) for s in range(shards)])
+        (tmp_path / f"scratch{shards}").mkdir()
+        tracemalloc.start()
+        _, thresholds = find_groups(store, list(range(shards)), RunConfig.load(store).index,
+                                    {"dim": space.dim, "ivf": False}, tmp_path / f"scratch{shards}", Stats())
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak, x, thresholds
+
+    small, x, _ = peak_of(4)
+    big, _, _ = peak_of(16)
+    added = 12 * per_shard * space.dim * 4  # float32 bytes of the vectors the bigger run adds
+    print(f"peak {small / 2**20:.1f} MiB, then {big / 2**20:.1f} MiB with {added / 2**20:.1f} MiB more vectors")
+    assert big - small < 0.5 * added
+
+    planted = x.copy()  # 200 copies, moved a little, among 24 000
+    planted[5000:5200] = normalise(x[:200].astype(np.float32) + 0.01 * np.random.default_rng(1).standard_normal((200, 128)))
+    unit, assigned = planted.astype(np.float32), neardup.clusters(planted)
+    brute = {(int(m[i]), int(m[j])) for c in np.unique(assigned) for m in [np.nonzero(assigned == c)[0]]
+             for i, j in zip(*np.nonzero(np.triu(unit[m] @ unit[m].T >= 1 - 0.02, 1)))}
+    found = {tuple(p) for p in neardup.semantic_pairs(planted, assigned, 0.02).tolist()}
+    assert found == brute and len(found) >= 150
