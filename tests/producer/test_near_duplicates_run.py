@@ -47,9 +47,10 @@ def plant(world, port: int) -> tuple[list[dict], dict[str, str]]:
     return rows, original
 
 
-@pytest.mark.timeout(600)
-def test_a_run_groups_planted_copies_with_thresholds_calibrated_for_its_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLIPFLEET_STATE_DIR", str(tmp_path / "state"))
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """The run, made once for this module's tests: (its store folder, {copy url: original url})."""
+    tmp_path = tmp_path_factory.mktemp("planted")
     port = free_port()
     world = tmp_path / "world"
     make_sandbox(world, samples=80, port=port, seed=7, wat_files=1)
@@ -61,8 +62,15 @@ def test_a_run_groups_planted_copies_with_thresholds_calibrated_for_its_model(tm
             CLI + ["run", "--urls", str(tmp_path / "urls.parquet"), "--store", str(store_dir), "--until", "index",
                    "--shard-size", "40", "--allow-private-addresses", "--filter-model", "shapes",
                    "--multilingual-filter-model", "shapes", "--embed-model", "shapes", "--index-eval-queries", "0"],
-            cwd=REPO, capture_output=True, text=True, timeout=500, env=dict(os.environ))
+            cwd=REPO, capture_output=True, text=True, timeout=500,
+            env={**os.environ, "CLIPFLEET_STATE_DIR": str(tmp_path / "state")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return store_dir, original
+
+
+@pytest.mark.timeout(600)
+def test_a_run_groups_planted_copies_with_thresholds_calibrated_for_its_model(planted_run):
+    store_dir, original = planted_run
     store = Store(str(store_dir))
 
     calibrated = store.read_json(layout.RUN_FILE)["near_duplicates"]
@@ -99,3 +107,41 @@ def test_a_run_groups_planted_copies_with_thresholds_calibrated_for_its_model(tm
     assert page.count("<h3>near-duplicate group of 4</h3>") == 4 and "thresholds calibrated on" in page
     first = page.index("<h3>near-duplicate group of 4</h3>")
     assert "· kept</p>" in page[first:first + 20000] and 'class="thumb" src="data:image/jpeg' in page[first:first + 20000]
+
+
+def published_keys(store_dir) -> set[str]:
+    return {k for path in (store_dir / "dataset").glob("*.parquet") for k in pq.read_table(path, columns=["key"]).column("key").to_pylist()}
+
+
+@pytest.mark.timeout(600)
+def test_dropped_duplicates_come_back_when_their_group_splits(planted_run, tmp_path):
+    """--drop-near-duplicates leaves copies out of dataset/; if a later generation groups them no more
+    (here: thresholds set to 0 bits and eps 0), they are published again, images and all."""
+    from clipfleet.shared.pipeline import Stats
+    from clipfleet.shared.runconfig import RunConfig
+    from clipfleet.workers.index.dedup import DedupIndex
+    store_dir = planted_run[0]
+    store = Store(str(store_dir))
+    everything = published_keys(store_dir)
+    groups = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS))).to_pylist()
+    duplicates = {g["key"] for g in groups if g["duplicate_of"] is not None}
+    cfg = RunConfig.load(store)
+    cfg.index.drop_near_duplicates = True
+    (tmp_path / "a").mkdir()
+    DedupIndex(cfg).run(store, "g00001", tmp_path / "a", Stats())
+    assert published_keys(store_dir) == everything - duplicates
+    cfg.index.near_dup_hamming, cfg.index.near_dup_eps = 0, 0.0  # the groups split: no copy is one now
+    (tmp_path / "b").mkdir()
+    task = DedupIndex(cfg)
+    out = task.run(store, "g00001", tmp_path / "b", Stats())
+    for rel, path in out.files.items():  # committed as the framework commits them
+        store.write_bytes(rel, path.read_bytes())
+    left = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS)))
+    dropped_now = {k for k, d in zip(left.column("key").to_pylist(), left.column("duplicate_of").to_pylist()) if d}
+    assert len(duplicates - dropped_now) >= 40  # only pictures with equal hashes stay grouped; the rest come back
+    assert published_keys(store_dir) == everything - dropped_now
+    members = set()
+    for path in (store_dir / "dataset").glob("*.tar"):
+        with tarfile.open(path) as tar:
+            members |= {m.name.split(".")[0] for m in tar if m.name.endswith((".jpg", ".png", ".webp"))}
+    assert members == everything - dropped_now

@@ -3,8 +3,9 @@ run-once task on the index queue due after each merge (its key is the serving ge
 
 It first marks the published dataset: each dataset/{shard}.parquet gets `duplicate_of` (and the
 sample's KEY.json in the shard's tar), or, with
---drop-near-duplicates, loses the duplicates' rows and their tar members; a shard already as wanted
-is not rewritten. Then it commits dedup/groups.parquet (one row per sample in a group of two or
+--drop-near-duplicates, loses the duplicates' rows and their tar members (and gets back, from the
+stages' outputs, those an earlier generation dropped that are no duplicates now); a shard already
+as wanted is not rewritten. Then it commits dedup/groups.parquet (one row per sample in a group of two or
 more: id, key, group = the kept sample's id, duplicate_of = the kept sample's key, null for the kept
 one), dedup/info.json (counts, thresholds, the key: the record the index stage's `settled` waits
 for) and its marker, in that order. A worker killed anywhere leaves no marker; the redelivered task
@@ -28,7 +29,8 @@ from clipfleet.shared.summaries import compacted
 from clipfleet.workers.index import calibration, neardup, vectors
 from clipfleet.workers.index.plan import (DEDUP, DEDUP_GROUPS, DEDUP_INFO, TRAIN, TRAIN_KEY, dedup_done, dedup_key,
                                          read_infos)
-from clipfleet.workers.index.takedown import _read_parquet, _without_members, _write_parquet, taken_down
+from clipfleet.workers.index.takedown import (_read_parquet, _without_members, _write_parquet, read_ids,
+                                              taken_down)
 from clipfleet.workers.tag.publish import read_tar, tar_end, tar_member
 
 GROUP_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("group", pa.int64()),
@@ -180,7 +182,31 @@ def mark_dataset(store: Store, groups: pa.Table, drop: bool) -> int:
              if d is not None}
     shards = sorted({layout.split_id(i)[0] for i in groups.column("id").to_pylist()}
                     | {int(n) for n in store.done("tag")})
-    return sum(_mark_shard(store, shard, marks, drop) for shard in shards)
+    restored = _restore(store, marks) if drop else set()
+    return len(restored | {shard for shard in shards if _mark_shard(store, shard, marks, drop)})
+
+
+def _restore(store: Store, marks: dict[str, str]) -> set[int]:
+    """Drop mode: publish again the samples the groups in force (the last generation's, still
+    committed) left out as duplicates that are none now: their group split under new thresholds, or
+    the sample kept for it was taken down. Returns the shards rewritten. Idempotent: a sample
+    already back is not restored twice."""
+    if not store.exists(DEDUP_GROUPS):
+        return set()
+    from clipfleet.workers.publish.refilter import republish
+    before = pq.read_table(io.BytesIO(store.read_bytes(DEDUP_GROUPS)))
+    hidden = set(taken_down(store).tolist()) | set(read_ids(store, layout.FILTERED_IDS).tolist())
+    back: dict[int, set[str]] = {}
+    for gid, key, was in zip(*(before.column(c).to_pylist() for c in ("id", "key", "duplicate_of"))):
+        if was is not None and key not in marks and gid not in hidden:
+            back.setdefault(layout.split_id(gid)[0], set()).add(key)
+    rewritten = set()
+    for shard, keys in sorted(back.items()):
+        published = set(_read_parquet(store, layout.dataset_shard(shard, "parquet"), ["key"]).column("key").to_pylist())
+        embedded = _read_parquet(store, layout.embedding_metadata(shard), ["key"]).column("key").to_pylist()
+        if republish(store, shard, [row for row, k in enumerate(embedded) if k in published or k in keys]):
+            rewritten.add(shard)
+    return rewritten
 
 
 def remark(store: Store) -> int:

@@ -108,7 +108,7 @@ def refilter(store: Store, percent: float | None = None, near_targets: dict | No
         ids = [layout.global_id(shard, row) for row in range(len(ks))]
         wanted[shard] = [row for row, k in enumerate(ks) if (shard, k) in keep and ids[row] not in removed]
         left_out += [i for row, i in enumerate(ids) if (shard, ks[row]) not in keep]
-    rewritten = sum(_publish(store, shard, rows) for shard, rows in wanted.items())
+    rewritten = sum(republish(store, shard, rows) for shard, rows in wanted.items())
     if rewritten:
         from clipfleet.workers.index.dedup import remark
         remark(store)  # a rewritten shard keeps its near-duplicate marks (dedup/groups.parquet)
@@ -132,7 +132,7 @@ def _differs(store: Store, rel: str, record: dict) -> bool:
         return True
 
 
-def _publish(store: Store, shard: int, rows) -> bool:
+def republish(store: Store, shard: int, rows) -> bool:
     """Rewrite dataset/{shard} with `rows` of its embeddings' metadata, as the tag stage writes it;
     False when it already holds exactly those samples."""
     rows = pa.array(rows, pa.int64())  # typed: a shard may keep nothing
