@@ -186,3 +186,15 @@ def test_a_decontamination_sets_pictures_are_found(tmp_path, redis_url, sandbox,
     assert len(dropped) == len(marked)
     assert marker["stats"]["refused"]["decontaminated"] == len(dropped)
     assert all(rows[u]["status"] == "success" and rows[u]["contaminated"] is False for u in others)
+
+
+def test_the_hash_is_imagehash_phash_of_the_thumbnail(world, truth):
+    """phash_bgr runs imagehash.phash's steps itself (without its PIL round trip): the same bits."""
+    import imagehash
+    from PIL import Image
+
+    from clipfleet.workers.download.phash import HASH_SIDE, phash_bgr
+    for url in truth.column("url").to_pylist():
+        img = cv2.imdecode(np.frombuffer(original(world, url), np.uint8), cv2.IMREAD_COLOR)
+        thumb = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), (HASH_SIDE, HASH_SIDE), interpolation=cv2.INTER_AREA)
+        assert phash_bgr(img) == str(imagehash.phash(Image.fromarray(thumb)))
