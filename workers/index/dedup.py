@@ -31,7 +31,7 @@ from clipfleet.workers.index.plan import (DEDUP, DEDUP_GROUPS, DEDUP_INFO, TRAIN
                                          read_infos)
 from clipfleet.workers.index.takedown import (_read_parquet, _without_members, _write_parquet, read_ids,
                                               taken_down)
-from clipfleet.workers.tag.publish import read_tar, tar_end, tar_member
+from clipfleet.workers.tag.publish import json_record, read_tar, tar_end, tar_member
 
 GROUP_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("group", pa.int64()),
                           ("duplicate_of", pa.string())])
@@ -249,15 +249,15 @@ def _mark_shard(store: Store, shard: int, marks: dict[str, str], drop: bool) -> 
 
 
 def _marked_tar(data: bytes, marks: dict[str, str], source: str) -> tuple[bytes, int]:
-    """The tar with each sample's KEY.json holding its `duplicate_of`; and how many json changed."""
+    """The tar with each sample's KEY.json holding its `duplicate_of` (publish.json_record: only where
+    set); and how many json changed."""
     out, size, changed = bytearray(), 0, 0
     for name, body in read_tar(io.BytesIO(data), source):
         key, _, ext = name.rsplit("/", 1)[-1].partition(".")
         if ext == "json":
             record = json.loads(body)
             if record.get("duplicate_of") != marks.get(key):
-                record["duplicate_of"] = marks.get(key)
-                body = json.dumps(record, ensure_ascii=False).encode()
+                body = json.dumps(json_record({**record, "duplicate_of": marks.get(key)}), ensure_ascii=False).encode()
                 changed += 1
         member = tar_member(name, body)
         out += member

@@ -134,6 +134,14 @@ def _json_value(value):
     return value
 
 
+def json_record(row: dict) -> dict:
+    """A sample's KEY.json: its parquet row, but `duplicate_of` only where it names a sample.
+    Hugging Face's webdataset loader types each field from a tar's first five samples: a
+    duplicate_of null in those five typed it null, and the first duplicate after them failed the
+    whole load ("Couldn't cast array of type string to null"); a field it did not see is dropped."""
+    return {k: _json_value(v) for k, v in row.items() if not (k == "duplicate_of" and v is None)}
+
+
 def tar_member(name: str, data: bytes) -> bytes:
     """One regular file of a ustar archive: header, data, padding to the block."""
     return tar_header(name, len(data)) + data + b"\0" * (-len(data) % 512)
@@ -158,7 +166,7 @@ def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard
             image = images.get(row["key"])
             if image is None:
                 continue  # still in the parquet; counted under unpublished_images
-            record = {k: _json_value(v) for k, v in row.items()}
+            record = json_record(row)
             members = {image[0]: image[1], "json": json.dumps(record, ensure_ascii=False).encode(),
                        "txt": (row["TEXT"] or "").encode()}
             for ext in sorted(members):  # a sample's members together, as webdataset groups them
@@ -177,4 +185,4 @@ def write_dataset(meta: pa.Table, tags: pa.Table, images: dict, out: Path, shard
     return {layout.dataset_shard(shard, "parquet"): parquet_path, layout.dataset_shard(shard, "tar"): tar_path}
 
 
-__all__ = ["laion_hash", "read_tar", "tar_member", "tar_end", "read_images", "dataset_table", "write_dataset", "image_marks", "TarError"]
+__all__ = ["laion_hash", "read_tar", "json_record", "tar_member", "tar_end", "read_images", "dataset_table", "write_dataset", "image_marks", "TarError"]
