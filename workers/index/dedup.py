@@ -2,11 +2,10 @@
 run-once task on the index queue due after each merge (its key is the serving generation's).
 
 It first marks the published dataset: each dataset/{shard}.parquet gets `duplicate_of` (and the
-sample's KEY.json in the shard's tar), or, with
---drop-near-duplicates, loses the duplicates' rows and their tar members (and gets back, from the
-stages' outputs, those an earlier generation dropped that are no duplicates now); a shard already
-as wanted is not rewritten. Then it commits dedup/groups.parquet (one row per sample in a group of two or
-more: id, key, group = the kept sample's id, duplicate_of = the kept sample's key, null for the kept
+sample's KEY.json in the shard's tar), or, with --drop-near-duplicates, loses the duplicates' rows
+and their tar members (and gets back, from the stages' outputs, those an earlier generation dropped
+that are no duplicates now); a shard already as wanted is not rewritten. Then it commits
+dedup/groups.parquet (one row per sample in a group of two or more: id, key, group = the kept sample's id, duplicate_of = the kept sample's key, null for the kept
 one), dedup/info.json (counts, thresholds, the key: the record the index stage's `settled` waits
 for) and its marker, in that order. A worker killed anywhere leaves no marker; the redelivered task
 computes the same groups from the same inputs and converges on the same files.
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 
 from clipfleet.shared import layout
 from clipfleet.shared.pipeline import RunOnce, StageOutput, Stats
-from clipfleet.shared.storage import Store
+from clipfleet.shared.storage import Store, shard_name
 from clipfleet.shared.summaries import compacted
 from clipfleet.workers.index import calibration, neardup, vectors
 from clipfleet.workers.index.plan import (DEDUP, DEDUP_GROUPS, DEDUP_INFO, TRAIN, TRAIN_KEY, dedup_done, dedup_key,
@@ -126,8 +125,8 @@ def find_groups(store: Store, shards: list[int], options, train_stats: dict, scr
 
 def _embed_totals(store: Store, shards: list[int]) -> dict:
     """The embed stage's stats summed over `shards` (its copy-distance histograms among them)."""
-    names = {f"{s:05d}" for s in shards}
-    return compacted(store, "embed", names & store.done("embed"), store.marker).totals_of(names & store.done("embed"))
+    names = {shard_name(s) for s in shards} & store.done("embed")
+    return compacted(store, "embed", names, store.marker).totals_of(names)
 
 
 def counts(groups: pa.Table) -> dict:
