@@ -80,7 +80,10 @@ function readUrl() {
   return null;
 }
 
+let searches = 0;  // a search answered after a newer one started is dropped, not drawn over it
+
 async function search(query) {
+  const mine = ++searches;
   state.last = query;
   const body = { text: null, image: null, image_url: null, embedding_input: null,
                  num_images: NUM_IMAGES, num_result_ids: NUM_RESULT_IDS, ...options() };
@@ -95,7 +98,9 @@ async function search(query) {
   setStatus('searching…');
   try {
     const response = await postJson('knn-service', body);
-    state.results = await response.json();
+    const results = await response.json();
+    if (mine !== searches) return;
+    state.results = results;
     state.withMetadata = Math.min(NUM_IMAGES, state.results.length);
     const notes = response.headers.get('X-Clipfleet-Not-Honoured');
     $('notes').textContent = notes ? 'Not applied: ' + notes : '';
@@ -104,6 +109,7 @@ async function search(query) {
     render();
     keepFilling();
   } catch (e) {
+    if (mine !== searches) return;
     state.results = [];
     render();
     setStatus(e.message, true);
@@ -170,18 +176,21 @@ function render() {
 async function loadMore() {
   if (state.loadingMore || state.withMetadata >= state.results.length) return;
   state.loadingMore = true;
+  const mine = searches;
   const page = state.results.slice(state.withMetadata, state.withMetadata + PAGE);
   try {
     const response = await postJson('metadata', { ids: page.map((r) => r.id), indice_name: $('index').value || null });
     const byId = new Map((await response.json()).map((m) => [String(m.id), m.metadata]));
-    for (let i = 0; i < page.length; i++) {
-      const meta = byId.get(String(page[i].id));
-      if (meta) state.results[state.withMetadata + i] = { ...meta, ...page[i] };
+    if (mine === searches) {  // else: metadata for results a newer search has replaced
+      for (let i = 0; i < page.length; i++) {
+        const meta = byId.get(String(page[i].id));
+        if (meta) state.results[state.withMetadata + i] = { ...meta, ...page[i] };
+      }
+      state.withMetadata += page.length;
+      render();
     }
-    state.withMetadata += page.length;
-    render();
   } catch (e) {
-    setStatus(e.message, true);
+    if (mine === searches) setStatus(e.message, true);
   }
   state.loadingMore = false;
   keepFilling();
@@ -231,16 +240,7 @@ async function start() {
     opt.value = opt.textContent = String(i);
     scores.appendChild(opt);
   }
-  try {
-    const indices = await (await fetch('indices-list')).json();
-    for (const name of indices) {
-      const opt = document.createElement('option');
-      opt.value = opt.textContent = name;
-      $('index').appendChild(opt);
-    }
-  } catch (e) {
-    setStatus('the service does not answer: ' + e.message, true);
-  }
+  // Listeners first: a file picked (or a query typed) while the index list loads is not lost.
   $('search-form').addEventListener('submit', (e) => {
     e.preventDefault();
     const text = $('query').value.trim();
@@ -264,6 +264,16 @@ async function start() {
     if (entries.some((e) => e.isIntersecting)) loadMore();
   }, { rootMargin: '600px' }).observe($('more'));
   window.addEventListener('popstate', () => { const q = readUrl(); if (q) search(q); });
+  try {
+    const indices = await (await fetch('indices-list')).json();
+    for (const name of indices) {
+      const opt = document.createElement('option');
+      opt.value = opt.textContent = name;
+      $('index').appendChild(opt);
+    }
+  } catch (e) {
+    setStatus('the service does not answer: ' + e.message, true);
+  }
   const initial = readUrl();
   if (initial) search(initial);
 }

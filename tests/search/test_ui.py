@@ -113,9 +113,17 @@ def test_image_upload(page, live, world):
     copied = {t["duplicate_of"] for t in live.known.values()}
     gid = next(g for g, t in live.known.items() if not t["unsafe"] and t["duplicate_of"] is None and g not in copied)
     file = world / "web" / "img" / live.known[gid]["url"].rsplit("/", 1)[1]
+    # The index list is held back until the results show: a file picked while the page still
+    # loads is searched (the listener was once added after that fetch, and a loaded machine
+    # lost the upload).
+    held = []
+    page.route("**/indices-list", lambda route: held.append(route))
     page.goto(live.url + "/")
     page.set_input_files("#image-file", str(file))
     page.wait_for_function(f"document.querySelector('#results figure') && "
                            f"document.querySelector('#results figure').dataset.id === '{gid}'")
+    assert len(held) == 1
+    held[0].continue_()
+    page.wait_for_function("document.querySelectorAll('#index option').length > 0")
     assert page.eval_on_selector_all("#query-image img", "els => els.length") == 1
     assert not page.problems, page.problems
