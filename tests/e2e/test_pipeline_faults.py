@@ -9,7 +9,7 @@ queue), a Redis with AOF and an S3 store behind a proxy, while the test does wha
 
 The run ends by itself, exit 0; every sample the CLIP filter kept is published in dataset/ and
 in the serving index exactly once, no key twice, no dead letter. The same run's markers show the
-pipeline streaming: downloads, CLIP, embedding and tagging overlap, the index is trained once
+pipeline streaming: each stage starts before the stage before it has finished, the index is trained once
 enough vectors are embedded (long before the last shard is tagged; the shards after it are added
 as they come), and the merge runs once, at the end.
 All faults share one run: each costs a fresh worker and a recovery delay, and one run of 24
@@ -149,12 +149,12 @@ def test_the_pipeline_survives_worker_kills_a_redis_restart_and_an_s3_outage(
     assert "recovered" in out  # the run says it brought shards back
     print(counts, *events, sep="\n")
 
-    # Streaming, from the markers: each stage started before the stage before it had finished,
-    # and tagging started before the last download ended, so all four ran at once.
+    # Streaming, from the markers: each stage started before the stage before it had finished.
+    # (Not that all four ran at once: on a loaded machine the last download may end before the
+    # first shard is tagged, a timing, not a fault.)
     spans = {s: stage_times(store, s) for s in ("download", "clip", "embed", "tag", "index")}
     for before, after in (("download", "clip"), ("clip", "embed"), ("embed", "tag")):
         assert min(a for a, _ in spans[after]) < max(b for _, b in spans[before]), (before, after)
-    assert min(a for a, _ in spans["tag"]) < max(b for _, b in spans["download"])
     [train] = store.markers("index-train")
     embedded_before = sum(m["stats"]["vectors"] for m in store.markers("embed") if m["finished_at"] <= train["started_at"])
     assert embedded_before >= TRAIN_AFTER
