@@ -10,7 +10,7 @@ The same image shards (a sandbox world downloaded into img2dataset's layout at 2
   beside the model, encode, write the parquet), model already loaded, in bf16 and in fp32;
 - the floor: the bare model forward (image and text towers) on pre-decoded tensors and
   pre-tokenized captions, at the same batch size, in the same precision, with all cores or
-  all but one for torch, whichever is faster.
+  all but one for torch, whichever is faster (the stage's default gives torch every core).
 Every model is ViT-B/32 with the SAME RANDOM WEIGHTS, saved once to a local checkpoint
 (open_clip:ViT-B-32//path.pt for clip-retrieval): this measures speed only, never quality.
 Random weights also make the stage's "auto" precision probe meaningless, so the stage's
@@ -224,8 +224,7 @@ def main() -> dict:
         # fp32 (and clip-retrieval, fp32 on CPU) is several times slower and steadier: one pass.
         for precision in (precisions if attempt == 0 else precisions[:1]):
             keep(f"stage_{precision}", SAMPLES / stage_seconds(work / "big" / "store", big, model, precision))
-            # The floor is the best the bare model does here: all cores, or all but the one
-            # the stage leaves to decoding.
+            # The floor is the best the bare model does here, with all cores or all but one.
             for threads in sorted({available_cores(), max(1, available_cores() - 1)}):
                 seconds, n = floor_seconds(work / "big" / "store", big, model, precision, threads)
                 keep(f"floor_{precision}", n / seconds)

@@ -6,7 +6,7 @@ decode pool as it arrives; when a model's bucket is full it stacks the pixels, t
 captions and puts the batch in a short queue. The stage's own thread only runs the model, so
 reading, decoding, tokenizing and the forward pass of the previous batch all overlap.
 
-On CPU the pool has the cores the model does not use (shared/models/runtime.split_threads).
+On CPU the pool has a thread per eight cores, beside the model's (shared/models/runtime.split_threads).
 On CUDA, JPEGs are decoded on the GPU in batches (`torchvision.io.decode_jpeg(device="cuda")`)
 and resized, cropped and normalised there: CPU preprocessing is what held clip-retrieval back
 on GPUs. Other formats, and JPEGs nvjpeg refuses, take the CPU path.

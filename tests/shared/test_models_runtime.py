@@ -26,13 +26,15 @@ def test_a_text_tower_missing_from_the_hugging_face_cache_names_the_model(tmp_pa
     assert "Hugging Face text tower" in str(info.value)
 
 
-def test_the_model_gets_all_cores_but_one_and_decoding_the_rest(monkeypatch):
+def test_the_model_gets_every_core_and_decoding_a_thread_per_eight_beside_it(monkeypatch):
     monkeypatch.setattr(runtime, "available_cores", lambda: 8)
-    assert runtime.split_threads("cpu") == (7, 1)
+    assert runtime.split_threads("cpu") == (8, 1)
     assert runtime.split_threads("cpu", 4) == (4, 4)
     assert runtime.split_threads("cuda") == (1, 7)
-    monkeypatch.setattr(runtime, "available_cores", lambda: 1)
-    assert runtime.split_threads("cpu") == (1, 1)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 16)
+    assert runtime.split_threads("cpu") == (16, 2)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    assert runtime.split_threads("cpu") == (2, 1)
 
 
 def test_devices_and_precisions_are_checked():

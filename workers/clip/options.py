@@ -36,7 +36,8 @@ class ClipOptions:
     clip_precision: str = option("auto", "auto: fp16 on cuda; on CPU bf16 where it has native bf16 and the first "
                                          "batch's similarities stay within 0.01 of fp32, else fp32",
                                  choices=PRECISIONS)
-    clip_threads: int = option(0, "torch threads on CPU (0: all cores but one; decoding gets the rest)",
+    clip_threads: int = option(0, "torch threads on CPU (0: every core, and a decode thread per 8 cores "
+                               "beside them; N: N threads, and the other cores decode)",
                                check=not_negative)
 
     def __post_init__(self):

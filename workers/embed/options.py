@@ -16,5 +16,6 @@ class EmbedOptions:
     embed_precision: str = option("auto", "auto: fp16 on cuda; on CPU bf16 where it has native bf16 and the first "
                                           "batch's similarities stay within 0.01 of fp32, else fp32",
                                   choices=PRECISIONS)
-    embed_threads: int = option(0, "torch threads on CPU (0: all cores but one; decoding gets the rest)",
+    embed_threads: int = option(0, "torch threads on CPU (0: every core, and a decode thread per 8 cores "
+                                "beside them; N: N threads, and the other cores decode)",
                                 check=not_negative)
