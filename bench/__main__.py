@@ -72,6 +72,7 @@ def main(argv: list[str]) -> int:
     if args.repeats is not None:
         os.environ["CLIPFLEET_BENCH_REPEATS"] = str(args.repeats)
     from bench.sizes import scale
+    import clipfleet.workers  # noqa: F401  fills the stage registry RunConfig reads, whichever bench runs first
     results, failed = {}, []
     for module_name in args.benches or BENCHES:
         print(f"\n=== {module_name} ===", flush=True)
