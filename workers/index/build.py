@@ -59,12 +59,23 @@ def train_size(nb_vectors: int, key: str, memory: str, dim: int) -> int:
     return min(get_optimal_train_size(nb_vectors, key, memory, dim), nb_vectors)
 
 
+# OPQ's rotation is learnt in 25 rounds, not faiss's 50: at 200 000 x 768 (OPQ32_224,IVF2048_HNSW32,
+# PQ32x8) the 50 took 195 of training's 234 CPU seconds, and 25 found the same recall@10 (0.488 vs
+# 0.485; 15 rounds: 0.457).
+OPQ_ITERATIONS = 25
+
+
 def empty_index(dim: int, key: str) -> faiss.Index:
     from autofaiss.indices.index_factory import index_factory
     try:
         index = index_factory(dim, key, METRIC)
     except ValueError:  # a key autofaiss has no inner-product recipe for (from --index-key)
         index = faiss.index_factory(dim, key, METRIC)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                transform.niter = OPQ_ITERATIONS
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return faiss.IndexIDMap2(index)  # HNSW and Flat keep ids beside; IVF stores them in its lists
