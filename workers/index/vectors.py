@@ -97,20 +97,25 @@ def sample(store: Store, counts: dict[int, int], size: int, seed: int, modality:
 
 def exact_search(store: Store, shards: list[int], queries: np.ndarray, k: int, modality: str = "image",
                  dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k over every vector of `shards`, one shard in memory at a time."""
+    """Exact inner-product top-k over every vector of `shards`, one shard in memory at a time.
+
+    faiss.knn per block (BLAS and a heap): numpy's product and argpartition over the whole
+    block took 6 of index-merge's 8 seconds at 200 000 x 768."""
+    import faiss
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     nq = len(queries)
     best_d = np.full((nq, k), -np.inf, np.float32)
     best_i = np.full((nq, k), -1, np.int64)
     for shard in shards:
         x = load(store, shard, modality, dim)
+        ids = ids_of(shard, len(x))
         for start in range(0, len(x), 65536):
             block = as_float32(x[start:start + 65536])
-            sims = queries @ block.T
-            ids = ids_of(shard, len(x))[start:start + len(block)]
-            d = np.concatenate([best_d, sims], axis=1)
-            i = np.concatenate([best_i, np.broadcast_to(ids, sims.shape)], axis=1)
-            top = np.argpartition(-d, k - 1, axis=1)[:, :k] if d.shape[1] > k else np.arange(d.shape[1])[None].repeat(nq, 0)
-            best_d = np.take_along_axis(d, top, 1)
-            best_i = np.take_along_axis(i, top, 1)
+            d, rows = faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
+            found = np.where(rows >= 0, ids[start + np.maximum(rows, 0)], -1)
+            d = np.where(rows >= 0, d, -np.inf).astype(np.float32)
+            d, i = np.concatenate([best_d, d], axis=1), np.concatenate([best_i, found], axis=1)
+            top = np.argpartition(-d, k - 1, axis=1)[:, :k]
+            best_d, best_i = np.take_along_axis(d, top, 1), np.take_along_axis(i, top, 1)
     order = np.argsort(-best_d, axis=1, kind="stable")
     return np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)

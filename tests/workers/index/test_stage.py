@@ -176,3 +176,17 @@ def test_a_waiting_shard_whose_vectors_do_not_fit_the_trained_index_is_dead_lett
     dead = store.deadletters("index-part")
     assert [d["shard"] for d in dead] == ["00001"] and "dimensions" in dead[0]["error"]
     assert store.read_json("index/infos.json")["shards"] == [0]
+
+
+def test_exact_search_is_the_brute_force_top_k_across_shards(store_uri, world):
+    store = make_run(store_uri)
+    sizes = {2: 300, 5: 4, 9: 150}  # shard 5 holds fewer vectors than k
+    data = {s: add_shard(store, world, s, n) for s, n in sizes.items()}
+    queries = world.vectors(40, 77).astype(np.float32)
+    sims, ids = exact(store, sorted(sizes), queries, 10)
+    every = np.concatenate([data[s].astype(np.float32) for s in sorted(sizes)])
+    every_ids = np.concatenate([vectors.ids_of(s, n) for s, n in sorted(sizes.items())])
+    brute = queries @ every.T
+    order = np.argsort(-brute, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(ids, every_ids[order])
+    assert np.allclose(sims, np.take_along_axis(brute, order, 1), atol=1e-5)
