@@ -14,8 +14,7 @@ its parameters chosen:
 autofaiss's build_index call; the stage's train task, one add task per shard, and the merge task
 (which also measures recall and latency for index/infos.json).
 
-Sizes: CLIPFLEET_BENCH_INDEX_VECTORS (default 20 000, so `make bench` finishes on a shared
-2-core machine; 200 000 is issue 26's size; BENCH_INDEX_VECTORS also read) x BENCH_INDEX_DIM
+Sizes: CLIPFLEET_BENCH_INDEX_VECTORS (default 200 000; BENCH_INDEX_VECTORS also read) x BENCH_INDEX_DIM
 (default 768, LAION's ViT-L/14 width), shards of BENCH_INDEX_SHARD (default: a tenth of the
 vectors), budget BENCH_INDEX_MEMORY (default 1/64 of the float32 size, 48 bytes a vector: at
 200 000 x 768 autofaiss picks OPQ32_224,IVF2048_HNSW32,PQ32x8, at 20 000 OPQ32_224,IVF512,PQ32x8;
