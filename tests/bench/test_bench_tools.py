@@ -31,7 +31,7 @@ def test_sizes_default_scale_and_own_variable(monkeypatch):
     for name in ("CLIPFLEET_BENCH_SCALE", "CLIPFLEET_BENCH_EXTRACT_SAMPLES", "CLIPFLEET_BENCH_POLITE_LARGE_SAMPLES"):
         monkeypatch.delenv(name, raising=False)
     assert sizes.size("EXTRACT_SAMPLES") == 120_000
-    assert sizes.size("INDEX_VECTORS") == 20_000
+    assert sizes.size("INDEX_VECTORS") == 200_000
     assert sizes.size("POLITE_LARGE_SAMPLES") == 20_000
     monkeypatch.setenv("CLIPFLEET_BENCH_SCALE", "0.1")
     assert sizes.size("EXTRACT_SAMPLES") == 12_000
