@@ -1,7 +1,7 @@
 """`make bench`: run every stage benchmark and print the ratios side by side.
 
 Each bench module has `main() -> dict` that prints its own table and returns its numbers,
-including at least one `*ratio*` key. Results go to .bench/results.json, one entry per bench
+including at least one `*ratio*` key; each runs in a process of its own. Results go to .bench/results.json, one entry per bench
 with the machine, date and scale it ran at; running some benches updates their entries and
 keeps the others (`python -m bench.readme` turns the file into the README's table).
 
@@ -10,11 +10,12 @@ keeps the others (`python -m bench.readme` turns the file into the README's tabl
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +65,28 @@ def save(results: dict) -> None:
     RESULTS.write_text(json.dumps({**kept, **results}, indent=1, default=str))
 
 
+ONE_BENCH = """
+import json, importlib, sys
+import clipfleet.workers  # fills the stage registry RunConfig reads
+numbers = importlib.import_module(sys.argv[1]).main()
+with open(sys.argv[2], "w") as f:
+    json.dump(numbers, f, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+"""
+
+
+def run_alone(module_name: str) -> dict | None:
+    """One bench in a process of its own, its numbers back through a file (None: it failed).
+
+    Alone, so what one bench leaves behind does not slow the next: after the 200 000 x 768
+    index bench the search bench's service ran at 40% of its own rate in the same process."""
+    with tempfile.TemporaryDirectory(prefix="clipfleet-bench-") as tmp:
+        out = Path(tmp) / "numbers.json"
+        code = subprocess.run([sys.executable, "-c", ONE_BENCH, module_name, str(out)]).returncode
+        if code != 0 or not out.exists():
+            return None
+        return json.loads(out.read_text())
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     # Sizes are read when a bench module is imported, so these are set before any import.
@@ -72,15 +95,13 @@ def main(argv: list[str]) -> int:
     if args.repeats is not None:
         os.environ["CLIPFLEET_BENCH_REPEATS"] = str(args.repeats)
     from bench.sizes import scale
-    import clipfleet.workers  # noqa: F401  fills the stage registry RunConfig reads, whichever bench runs first
     results, failed = {}, []
     for module_name in args.benches or BENCHES:
         print(f"\n=== {module_name} ===", flush=True)
         started = time.time()
-        try:
-            numbers = importlib.import_module(module_name).main()
-        except Exception as exc:  # report every bench, then fail at the end
-            print(f"{module_name} failed: {exc.__class__.__name__}: {exc}", flush=True)
+        numbers = run_alone(module_name)
+        if numbers is None:  # report every bench, then fail at the end
+            print(f"{module_name} failed", flush=True)
             failed.append(module_name)
             continue
         results[module_name] = {**numbers, "_run": {
