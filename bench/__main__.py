@@ -1,9 +1,10 @@
 """`make bench`: run every stage benchmark and print the ratios side by side.
 
 Each bench module has `main() -> dict` that prints its own table and returns its numbers,
-including at least one `*ratio*` key; each runs in a process of its own. Results go to .bench/results.json, one entry per bench
-with the machine, date and scale it ran at; running some benches updates their entries and
-keeps the others (`python -m bench.readme` turns the file into the README's table).
+including at least one `*ratio*` key; each runs in a process of its own. Results go to
+.bench/results.json, one entry per bench with the machine, date and scale it ran at; running
+some benches updates their entries and keeps the others (`python -m bench.readme` turns the
+file into the README's table).
 
     python -m bench [--scale F] [--repeats N] [bench.extract bench.index ...]
 """
