@@ -71,6 +71,35 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def encode_text_trimmed(model, tokens):
+    """model.encode_text(tokens), run only up to the batch's last pooled token.
+
+    A causal text tower pools the end-of-text token's output, which depends on no position
+    after it, so the padding after the batch's longest caption changes nothing but costs its
+    share of all 77 positions: on ViT-B/32 fp32 the text tower of a batch of 16-token captions
+    took 0.53 s instead of 2.97 s (the image tower: 3.7 s), with the same embeddings. Towers
+    this does not know (Hugging Face ones, last-token or mean pooling) run as they are."""
+    import torch
+    from open_clip.transformer import text_global_pool
+    pool = getattr(model, "text_pool_type", None)
+    mask = getattr(model, "attn_mask", None)
+    if pool not in ("argmax", "eos") or mask is None or not hasattr(model, "positional_embedding"):
+        return model.encode_text(tokens)
+    eos_id = getattr(model, "text_eos_id", None)
+    pooled_at = tokens.argmax(dim=-1) if pool == "argmax" else (tokens == eos_id).int().argmax(dim=-1)
+    length = int(pooled_at.max()) + 1
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=mask[:length, :length]))
+    x = text_global_pool(x, tokens, pool, eos_token_id=eos_id)
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -136,7 +165,7 @@ class Encoder:
         if not isinstance(tokens, torch.Tensor):
             tokens = self.tokens(tokens)
         with torch.no_grad(), self._autocast(precision):
-            out = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+            out = encode_text_trimmed(self.model, tokens.to(self.device, non_blocking=True))
         return torch.nn.functional.normalize(out.float(), dim=-1)
 
     def pairs(self, pixels, tokens):

@@ -44,3 +44,34 @@ def test_devices_and_precisions_are_checked():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             runtime.choose_device("cuda")
     assert runtime.choose_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("name", ["shapes", "ViT-B-32"])
+def test_texts_stop_at_the_batch_s_last_pooled_token_with_the_same_embeddings(name):
+    import open_clip
+    import torch
+    if name == "shapes":
+        enc = runtime.Encoder("shapes", "cpu", "fp32", 1)
+        model = enc.model
+    else:  # open_clip's own CLIP class at B/32 size, random weights (nothing is downloaded)
+        torch.manual_seed(0)
+        model = open_clip.create_model(name, pretrained=None).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    captions = ["a red circle", "a small blue square on a green background beside a yellow star", ""]
+    tokens = tokenizer(captions)
+    if tokens.shape[1] < model.positional_embedding.shape[0]:  # shapes' context is 128 wide
+        tokens = torch.nn.functional.pad(tokens, (0, model.positional_embedding.shape[0] - tokens.shape[1]))
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        trimmed = runtime.encode_text_trimmed(model, tokens)
+        hook.remove()
+        full = model.encode_text(tokens)
+    longest = int(tokens.argmax(dim=-1).max()) + 1  # the end-of-text token of the long caption
+    assert seen == [longest] and longest < 20
+    assert torch.allclose(trimmed, full, atol=1e-5)
+    # Each caption alone (its own, shorter cut) gives its row of the batch.
+    for row, caption in enumerate(captions):
+        with torch.no_grad():
+            alone = runtime.encode_text_trimmed(model, tokens[row:row + 1])
+        assert torch.allclose(alone[0], full[row], atol=1e-5)
