@@ -47,31 +47,30 @@ def test_devices_and_precisions_are_checked():
 
 
 @pytest.mark.parametrize("name", ["shapes", "ViT-B-32"])
-def test_texts_stop_at_the_batch_s_last_pooled_token_with_the_same_embeddings(name):
+def test_texts_skip_the_padding_and_give_the_same_embeddings_in_the_batch_s_order(name):
     import open_clip
     import torch
     if name == "shapes":
-        enc = runtime.Encoder("shapes", "cpu", "fp32", 1)
-        model = enc.model
+        model = runtime.Encoder("shapes", "cpu", "fp32", 1).model
     else:  # open_clip's own CLIP class at B/32 size, random weights (nothing is downloaded)
         torch.manual_seed(0)
         model = open_clip.create_model(name, pretrained=None).eval()
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    captions = ["a red circle", "a small blue square on a green background beside a yellow star", ""]
+    captions = ["a small blue square on a green background beside a yellow star", "a red circle", "",
+                "a photo of a purple heart on a dotted background"]
     tokens = tokenizer(captions)
     if tokens.shape[1] < model.positional_embedding.shape[0]:  # shapes' context is 128 wide
         tokens = torch.nn.functional.pad(tokens, (0, model.positional_embedding.shape[0] - tokens.shape[1]))
+    ends = (tokens.argmax(dim=-1) + 1).tolist()  # each caption's end-of-text token, plus one
     seen = []
-    hook = model.transformer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    hook = model.transformer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[:2]))
     with torch.no_grad():
-        trimmed = runtime.encode_text_trimmed(model, tokens)
+        whole = runtime.encode_texts(model, tokens)
+        by_length = runtime.encode_texts(model, tokens, chunk=2)
         hook.remove()
         full = model.encode_text(tokens)
-    longest = int(tokens.argmax(dim=-1).max()) + 1  # the end-of-text token of the long caption
-    assert seen == [longest] and longest < 20
-    assert torch.allclose(trimmed, full, atol=1e-5)
-    # Each caption alone (its own, shorter cut) gives its row of the batch.
-    for row, caption in enumerate(captions):
-        with torch.no_grad():
-            alone = runtime.encode_text_trimmed(model, tokens[row:row + 1])
-        assert torch.allclose(alone[0], full[row], atol=1e-5)
+    # cut at the longest caption; then two calls of two captions each, shortest first
+    assert [tuple(s) for s in seen] == [(4, max(ends)), (2, sorted(ends)[1]), (2, max(ends))]
+    assert max(ends) < 20
+    assert torch.allclose(whole, full, atol=1e-5)
+    assert torch.allclose(by_length, full, atol=1e-5)
