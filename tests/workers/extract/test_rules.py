@@ -373,3 +373,31 @@ def test_deep_records_are_malformed_json(tmp_path):
     assert stats["malformed_json"] == 1
     assert [page for _, _, page in pairs] == ["http://example.org/gallery/0/page.html"] * 2 + \
         ["http://example.org/gallery/2/page.html"] * 2
+
+
+@pytest.mark.parametrize("url", [
+    "http://example.org/a.gif", "http://example.org/a.gif?x=1", "http://example.org/a.jpg?f=b.gif",
+    "http://example.org/a.jpg#b.gif", "http://example.org/a.gif#x?y", "http://example.org/x#a?b.gif",
+    "http://host.gif", "http://host.gif?x=1", "http://host.gif#frag", "https://h/?q=.gif",
+    "http://user:pw@host/a.GIF", "http://h/a.gif;p=1", "http://[::1]/a.gif", "http://[::1/a.gif",
+    "http://h/a\t.gif", "http://h/a.g\nif", "http://h/\u00e9.gif", "http://h/a.gif\x0b",
+    "HTTP://H/A.GIF?", "http://h//a.gif", "http://h/a.gif/", "https://h:8080/b/c.svg?x#y",
+])
+def test_the_path_s_extension_is_the_one_urlsplit_finds(url):
+    from urllib.parse import urlsplit
+
+    from clipfleet.workers.extract.rules import _path_ends_with
+    try:
+        expected = urlsplit(url).path.lower().endswith((".gif", ".svg"))
+    except ValueError:
+        with pytest.raises(ValueError):
+            _path_ends_with(url, (".gif", ".svg"))
+        return
+    assert _path_ends_with(url, (".gif", ".svg")) == expected
+
+
+@pytest.mark.parametrize("alt", ["a b", " a", "a ", "a  b", "", " ", "a\u2003b", "a\u00a0 b", "\tx",
+                                 "x\x1fy", "a b c d"])
+def test_clean_alt_is_whitespace_folded_with_controls_removed(alt):
+    import re
+    assert clean_alt(alt) == " ".join(re.sub("[\x00-\x08\x0e-\x1f\x7f-\x9f]", "", alt).split())
