@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from clipfleet.search.settings import ServeSettings
+from clipfleet.shared.models.runtime import encode_texts
 
 
 class QueryError(ValueError):
@@ -40,8 +41,8 @@ class Encoder:
 
     def text(self, text: str) -> np.ndarray:
         with self.torch.inference_mode():
-            tokens = self.tokenizer([text])
-            return normalized(self.model.encode_text(tokens).float().numpy())
+            tokens = self.tokenizer([text])  # padded to 77; the text tower stops at its end
+            return normalized(encode_texts(self.model, tokens).float().numpy())
 
     def image_bytes(self, data: bytes) -> np.ndarray:
         from PIL import Image
