@@ -174,11 +174,7 @@ class PageUrls:
             return src
         if not self.fast or ";" in src or not src.isprintable():
             return urljoin(self.base_url, src)
-        cut = len(src)
-        for mark in ("?", "#"):
-            at = src.find(mark, 0, cut)
-            if at != -1:
-                cut = at
+        cut = _query_or_fragment_at(src)
         path, rest = src[:cut], src[cut:]
         colon = path.find(":")
         if colon != -1 and "/" not in path[:colon]:
@@ -207,6 +203,15 @@ class PageUrls:
         if joined[0] != "/":
             joined = "/" + joined
         return f"{self.prefix}{joined}{rest}"
+
+
+def _query_or_fragment_at(url: str) -> int:
+    """Where the URL's query or fragment begins (its first "?" or "#"), or its length."""
+    end = url.find("#")
+    if end == -1:
+        end = len(url)
+    query = url.find("?", 0, end)
+    return end if query == -1 else query
 
 
 def _empty_query_or_fragment(rest: str) -> bool:
@@ -258,13 +263,15 @@ def _path_ends_with(url: str, extensions: tuple[str, ...]) -> bool:
     urlsplit finds, in a tenth of its ~11 us."""
     if not url.isascii() or not url.isprintable() or _SPLIT_CHANGES.search(url):
         return urlsplit(url).path.lower().endswith(extensions)
-    end = len(url)
-    for mark in ("?", "#"):
-        at = url.find(mark, 0, end)
-        if at != -1:
-            end = at
+    lowered = url.lower()  # ASCII: same positions
+    for extension in extensions:
+        if extension in lowered:
+            break
+    else:
+        return False  # most URLs: no extension anywhere in them, so not at the path's end
+    end = _query_or_fragment_at(url)
     start = url.find("/", url.find("://") + 3, end)
-    return start != -1 and url[start:end].lower().endswith(extensions)
+    return start != -1 and lowered[start:end].endswith(extensions)
 
 
 def image_pairs(links: list, base_url: str, cfg: ExtractOptions, stats: Counter) -> list[tuple[str, str]]:
@@ -305,7 +312,7 @@ def image_pairs(links: list, base_url: str, cfg: ExtractOptions, stats: Counter)
         except ValueError:
             stats["drop_bad_url"] += 1
             continue
-        if not _is_text(url):
+        if not url.isascii() and _SURROGATE.search(url):  # _is_text, inline: once a link
             stats["drop_bad_url"] += 1
             continue
         reason = url_drop_reason(url, max_url, extensions)
