@@ -47,7 +47,7 @@ def test_devices_and_precisions_are_checked():
 
 
 @pytest.mark.parametrize("name", ["shapes", "ViT-B-32"])
-def test_texts_skip_the_padding_and_give_the_same_embeddings_in_the_batch_s_order(name):
+def test_texts_skip_the_padding_and_give_the_same_embeddings_in_the_batch_s_order(name, monkeypatch):
     import open_clip
     import torch
     if name == "shapes":
@@ -62,15 +62,40 @@ def test_texts_skip_the_padding_and_give_the_same_embeddings_in_the_batch_s_orde
     if tokens.shape[1] < model.positional_embedding.shape[0]:  # shapes' context is 128 wide
         tokens = torch.nn.functional.pad(tokens, (0, model.positional_embedding.shape[0] - tokens.shape[1]))
     ends = (tokens.argmax(dim=-1) + 1).tolist()  # each caption's end-of-text token, plus one
-    seen = []
+    seen, mlp_rows = [], []
     hook = model.transformer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[:2]))
+    mlp_hook = model.transformer.resblocks[0].mlp.register_forward_pre_hook(
+        lambda _m, args: mlp_rows.append(args[0].shape[0]))
+    assert runtime._packable(model)
     with torch.no_grad():
         whole = runtime.encode_texts(model, tokens)
+        packed = runtime.encode_texts(model, tokens, chunk=2)
+        packed_rows = mlp_rows[-1]
+        monkeypatch.setattr(runtime, "_packable", lambda _model: False)  # a tower it cannot pack
         by_length = runtime.encode_texts(model, tokens, chunk=2)
         hook.remove()
+        mlp_hook.remove()
         full = model.encode_text(tokens)
-    # cut at the longest caption; then two calls of two captions each, shortest first
+    # cut at the longest caption; packed: the tokens up to each caption's end and no others;
+    # cut per chunk: two calls of two captions each, shortest first
     assert [tuple(s) for s in seen] == [(4, max(ends)), (2, sorted(ends)[1]), (2, max(ends))]
+    assert packed_rows == sum(ends)
     assert max(ends) < 20
     assert torch.allclose(whole, full, atol=1e-5)
+    assert torch.allclose(packed, full, atol=1e-5)
     assert torch.allclose(by_length, full, atol=1e-5)
+
+
+def test_a_cpu_encoder_s_large_activations_are_reused_not_faulted_in_again():
+    """A batch's activations (tens of MB) come back from the heap the next time, instead of
+    a fresh mapping whose every page faults on first touch."""
+    import resource
+
+    import torch
+    assert runtime.keep_large_blocks_in_heap()  # glibc here
+    size = 64 << 20  # over glibc's largest default mmap threshold (32 MiB)
+    torch.ones(size // 4).sum()  # allocate, touch, free
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(size // 4).sum()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < (size >> 12) // 10, f"{faults} page faults for a reused {size >> 20} MiB block"
