@@ -96,3 +96,16 @@ def test_readme_errors_are_one_line(tmp_path, capsys):
     assert readme.main(["--results", str(tmp_path / "r.json"), "--readme", str(page)]) == 1
     assert "has no bench table markers" in capsys.readouterr().err
     assert page.read_text() == "no markers\n"
+
+
+def test_clip_rows_name_bf16_only_where_it_was_measured():
+    fp32_only = {"samples": 256, "batch_size": 64, "stage_fp32_samples_per_s": 14.8, "floor_fp32_samples_per_s": 15.6,
+                 "clip_retrieval_samples_per_s": 6.9, "stage_vs_clip_retrieval_ratio": 2.13,
+                 "stage_fp32_vs_clip_retrieval_ratio": 2.13, "floor_over_stage_fp32_ratio": 1.06}
+    text = " ".join(" ".join(row) for row in readme.clip(fp32_only))
+    assert "bf16" not in text.replace("no bf16 on this CPU", "")
+    assert "**2.13×** (goal ≥ 1.5); no bf16 on this CPU" in text and "**1.06×** fp32 (goal ≤ 1.25)" in text
+    both = {**fp32_only, "stage_bf16_samples_per_s": 29.0, "stage_vs_clip_retrieval_ratio": 4.2,
+            "floor_over_stage_bf16_ratio": 1.05}
+    text = " ".join(" ".join(row) for row in readme.clip(both))
+    assert "stage in bf16 **4.20×**" in text and "**1.06×** fp32, **1.05×** bf16" in text
