@@ -34,25 +34,29 @@ def test_recall_at_10_on_100k_clustered_vectors_under_a_budget_that_forces_pq(tm
     assert measured["recall@10"] >= 0.9, measured
 
 
-def test_opq_learnt_in_fewer_rounds_keeps_its_recall():
-    """build.OPQ_ITERATIONS (25 rounds, faiss's default is 50) is a cost cut that must not cost recall."""
+def test_opq_rotation_learnt_from_a_sample_keeps_its_recall():
+    """build.OPQ_TRAIN_POINTS (about half the bench's 63 488 training vectors) is a cost cut that must
+    not cost recall: here the rotation learns from half of 20 000. Three worlds, averaged: which
+    vectors the sample holds moves one world's recall@10 by up to 0.03 either way."""
     import faiss
 
     from clipfleet.workers.index import build
-    world = World(dim=64, latent=12, clusters=50, seed=3)
-    data, queries = world.vectors(20_000, 1).astype(np.float32), world.vectors(300, 2).astype(np.float32)
-    flat = faiss.IndexFlatIP(64)
-    flat.add(data)
-    exact = flat.search(queries, 10)[1]
-    found = {}
-    for rounds in (build.OPQ_ITERATIONS, 50):
-        index = build.empty_index(64, "OPQ8_32,IVF64,PQ8x8")
-        opq = faiss.downcast_VectorTransform(index.chain.at(0))
-        assert opq.niter == build.OPQ_ITERATIONS  # the stage's own index learns in fewer rounds
-        opq.niter = rounds
-        index.train(data[:8_000])
-        index.add(data)
-        faiss.ParameterSpace().set_index_parameters(index, "nprobe=16")
-        found[rounds] = tuning.recalls(index.search(queries, 10)[1], exact)["recall@10"]
-    assert found[build.OPQ_ITERATIONS] >= found[50] - 0.02, found
-    assert found[50] > 0.5, found  # the comparison is between indexes that find things
+    found = {10_000: [], 20_000: []}
+    for seed in (3, 4, 5):
+        world = World(dim=64, latent=12, clusters=50, seed=seed)
+        data, queries = world.vectors(20_000, 1).astype(np.float32), world.vectors(300, 2).astype(np.float32)
+        flat = faiss.IndexFlatIP(64)
+        flat.add(data)
+        exact = flat.search(queries, 10)[1]
+        for points in found:
+            index = build.empty_index(64, "OPQ8_32,IVF64,PQ8x8")
+            opq = faiss.downcast_VectorTransform(index.chain.at(0))
+            assert (opq.max_train_points, opq.niter) == (build.OPQ_TRAIN_POINTS, 50)  # the stage's own
+            opq.max_train_points = points
+            index.train(data)
+            index.add(data)
+            faiss.ParameterSpace().set_index_parameters(index, "nprobe=16")
+            found[points].append(tuning.recalls(index.search(queries, 10)[1], exact)["recall@10"])
+    sampled, whole = np.mean(found[10_000]), np.mean(found[20_000])
+    assert sampled >= whole - 0.015, found
+    assert whole > 0.5, found  # the comparison is between indexes that find things
