@@ -79,10 +79,13 @@ def run_alone(module_name: str) -> dict | None:
     """One bench in a process of its own, its numbers back through a file (None: it failed).
 
     Alone, so what one bench leaves behind does not slow the next: after the 200 000 x 768
-    index bench the search bench's service ran at 40% of its own rate in the same process."""
+    index bench the search bench's service ran at 40% of its own rate in the same process.
+    Its temporary directory is the bench's TMPDIR, so what the bench and the tools it runs leave
+    there (img2dataset's and clip-retrieval's wandb folders, multiprocessing's) goes with it."""
     with tempfile.TemporaryDirectory(prefix="clipfleet-bench-") as tmp:
         out = Path(tmp) / "numbers.json"
-        code = subprocess.run([sys.executable, "-c", ONE_BENCH, module_name, str(out)]).returncode
+        code = subprocess.run([sys.executable, "-c", ONE_BENCH, module_name, str(out)],
+                              env={**os.environ, "TMPDIR": tmp}).returncode
         if code != 0 or not out.exists():
             return None
         return json.loads(out.read_text())

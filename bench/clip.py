@@ -127,13 +127,9 @@ def clip_retrieval_seconds(tars: list[str], out: Path, checkpoint: str) -> float
             "--input_format", "webdataset", "--output_folder", str(out), "--enable_text", "True",
             "--enable_image", "True", "--enable_metadata", "False", "--clip_model",
             f"open_clip:{ARCH}/{checkpoint}", "--batch_size", str(BATCH), "--num_prepro_workers", "1"]
-    # clip-retrieval's run leaves wandb and multiprocessing folders in its temporary directory:
-    # it gets one of its own, removed after it
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix="clip-retrieval-tmp-") as own_tmp:
-        started = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True,
-                              env={**os.environ, "WANDB_MODE": "disabled", "TMPDIR": own_tmp})
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"clip-retrieval failed: {proc.stderr[-2000:]}")
     return elapsed
