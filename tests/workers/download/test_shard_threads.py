@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from clipfleet.shared.pipeline import Stats, TransientError
 from clipfleet.workers.download.blocklist import Blocklist
-from clipfleet.workers.download.stage import FetchPool, download_shard
+from clipfleet.workers.download.stage import FetchPool, Room, download_shard
 from clipfleet.workers.download.fetch import FetchFailed
 from clipfleet.workers.download.options import DownloadOptions
 
@@ -102,3 +102,30 @@ def test_resizing_threads_write_the_same_shard_as_one_thread(tmp_path, monkeypat
     while any(t.name.startswith("resize-") for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("resize-")]  # they end with the shard
+
+
+@pytest.mark.timeout(30)
+def test_room_gives_a_freed_place_to_the_thread_that_waited_last():
+    room = Room(1)
+    room.take(threading.Lock())  # the only place
+    woken: list[str] = []
+    threads = []
+    for name in ("first", "second", "third"):
+        parker = threading.Lock()
+        thread = threading.Thread(target=lambda n=name, p=parker: (room.take(p), woken.append(n)))
+        thread.start()
+        threads.append(thread)
+        deadline = time.monotonic() + 5
+        while not parker.locked() and time.monotonic() < deadline:  # parked before the next one comes
+            time.sleep(0.001)
+    for expected in (["third"], ["third", "second"]):
+        room.give()
+        deadline = time.monotonic() + 5
+        while len(woken) < len(expected) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert woken == expected
+    room.give(3)  # one for "first", two left free
+    threads[0].join(5)
+    assert woken == ["third", "second", "first"]
+    room.take(threading.Lock())
+    room.take(threading.Lock())  # both free places taken without waiting
