@@ -218,7 +218,9 @@ def resize_threads() -> int:
     --shard-size samples), a shard's tail or a neighbour between shards leaves cores idle, and
     cv2 lets go of the GIL while it decodes and encodes: with 2, one shard of 3000 images took
     4.5 s instead of 5.3 s on 2 busy cores, and 6 shards on 2 processes no longer (2.26 s vs
-    2.44 s). Not one per core: 64 processes of 64 threads would be 4096 runnable threads."""
+    2.44 s). Not one per core: 64 processes of 64 threads would be 4096 runnable threads.
+    A process held on its home core (cores.py) sees one core: its shard is resized in the
+    task's own thread, two CPU-bound threads on one core would only take turns."""
     own = os.environ.get("CLIPFLEET_RESIZE_THREADS")
     if own:
         return max(1, int(own))
