@@ -129,3 +129,39 @@ def test_room_gives_a_freed_place_to_the_thread_that_waited_last():
     assert woken == ["third", "second", "first"]
     room.take(threading.Lock())
     room.take(threading.Lock())  # both free places taken without waiting
+
+
+def _park(room: Room, woken: list[str], name: str) -> threading.Thread:
+    """A thread waiting in `room.take`, returned once it is parked."""
+    parker = threading.Lock()
+    thread = threading.Thread(target=lambda: (room.take(parker), woken.append(name)))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not parker.locked() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert parker.locked()
+    return thread
+
+
+@pytest.mark.timeout(30)
+def test_room_wakes_a_waiting_thread_only_once_enough_places_are_free():
+    room = Room(4, wake=2)
+    for _ in range(4):
+        room.take(threading.Lock())
+    woken: list[str] = []
+    first, second = _park(room, woken, "first"), _park(room, woken, "second")
+    room.give()
+    time.sleep(0.05)
+    assert woken == []  # one place free: both still wait
+    room.give()
+    second.join(5)
+    assert woken == ["second"]  # two free: the last to wait takes one, one is left
+    room.take(threading.Lock())  # ...for a thread that is running to take without waiting
+    room.give()
+    time.sleep(0.05)
+    assert woken == ["second"]
+    room.open_all()  # the shard is over: everyone goes on, and nobody waits again
+    first.join(5)
+    assert woken == ["second", "first"]
+    for _ in range(10):
+        room.take(threading.Lock())
