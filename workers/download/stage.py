@@ -127,7 +127,7 @@ class Room:
     itself without waiting; woken, it fetches about `wake` images in a row. Waking one per
     place freed put each image through a park and an unpark (two context switches on a
     process's core, and a GIL hand-off each): waking per 32 of 128 halved the task thread's
-    context switches and took ~5% off the workers' CPU on a fast host (bench.download). A
+    context switches and took ~8% off the workers' CPU on a fast host (bench.download). A
     place given back goes to the thread that began waiting last (a stack, not a queue), so on
     a fast host a few threads do the fetching with warm connections while the rest sleep. On
     a slow host the room never fills: nobody waits and every thread is in flight."""
