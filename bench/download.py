@@ -157,12 +157,12 @@ def run_clipfleet(url_list: Path, store_dir: Path, fleet) -> float:
     app, client = make_app(fleet.broker), redis.Redis.from_url(fleet.broker)
     started = time.time()  # the markers' clock
     enqueue(app, client, store, first)
-    state = follow(RunState(store, cfg, first={shard_name(t.shard) for t in first}), poll_s=0.05,
-                   show_progress=False)
+    # Followed as `clipfleet run` follows (its poll interval): the end is read from the markers.
+    state = follow(RunState(store, cfg, first={shard_name(t.shard) for t in first}), show_progress=False)
     if state[0].failed:
         raise RuntimeError(f"clipfleet: shards failed: {sorted(state[0].failed)}")
     # Until the last shard was written (its marker's time), not until the poll above saw it: that
-    # is up to poll_s later (polling faster costs this process CPU the workers need).
+    # is up to a poll interval later (polling faster costs this process CPU the workers need).
     return max(m["finished_at"] for m in store.markers("download")) - started
 
 
