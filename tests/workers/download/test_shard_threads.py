@@ -104,20 +104,24 @@ def test_resizing_threads_write_the_same_shard_as_one_thread(tmp_path, monkeypat
     assert not [t.name for t in threading.enumerate() if t.name.startswith("resize-")]  # they end with the shard
 
 
+def _park(room: Room, woken: list[str], name: str) -> threading.Thread:
+    """A thread waiting in `room.take`, returned once it is parked."""
+    parker = threading.Lock()
+    thread = threading.Thread(target=lambda: (room.take(parker), woken.append(name)))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not parker.locked() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert parker.locked()
+    return thread
+
+
 @pytest.mark.timeout(30)
 def test_room_gives_a_freed_place_to_the_thread_that_waited_last():
     room = Room(1)
     room.take(threading.Lock())  # the only place
     woken: list[str] = []
-    threads = []
-    for name in ("first", "second", "third"):
-        parker = threading.Lock()
-        thread = threading.Thread(target=lambda n=name, p=parker: (room.take(p), woken.append(n)))
-        thread.start()
-        threads.append(thread)
-        deadline = time.monotonic() + 5
-        while not parker.locked() and time.monotonic() < deadline:  # parked before the next one comes
-            time.sleep(0.001)
+    threads = [_park(room, woken, name) for name in ("first", "second", "third")]  # each parked before the next
     for expected in (["third"], ["third", "second"]):
         room.give()
         deadline = time.monotonic() + 5
@@ -129,18 +133,6 @@ def test_room_gives_a_freed_place_to_the_thread_that_waited_last():
     assert woken == ["third", "second", "first"]
     room.take(threading.Lock())
     room.take(threading.Lock())  # both free places taken without waiting
-
-
-def _park(room: Room, woken: list[str], name: str) -> threading.Thread:
-    """A thread waiting in `room.take`, returned once it is parked."""
-    parker = threading.Lock()
-    thread = threading.Thread(target=lambda: (room.take(parker), woken.append(name)))
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not parker.locked() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert parker.locked()
-    return thread
 
 
 @pytest.mark.timeout(30)
